@@ -1,0 +1,179 @@
+//! HTTP: the OCI distribution-spec pull API. Parses routes, picks the
+//! upstream, negotiates media types, writes headers; turns every failure into
+//! an OCI error body (in [`error`], the only place that does). Never touches the disk.
+
+mod error;
+mod route;
+
+pub use error::{ApiError, ErrorCode, Target};
+pub use route::{Endpoint, Route};
+
+use crate::cache::{Accept, ByteRange, Cache};
+use crate::reference::Reference;
+use axum::body::Body;
+use axum::extract::{Path, Query, State};
+use axum::http::{header, HeaderMap, HeaderName, HeaderValue, Method, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{any, get};
+use axum::Router;
+use std::collections::HashMap;
+use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
+use tower_http::trace::{DefaultMakeSpan, DefaultOnResponse, TraceLayer};
+use tracing::Level;
+
+/// The digest of what is served, on every manifest and blob answer.
+pub const DOCKER_CONTENT_DIGEST: HeaderName = HeaderName::from_static("docker-content-digest");
+const API_VERSION: HeaderName = HeaderName::from_static("docker-distribution-api-version");
+const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+
+/// The HTTP application over a cache.
+pub fn router(cache: Cache) -> Router {
+    Router::new()
+        .route("/v2", get(version_check))
+        .route("/v2/", get(version_check))
+        .route("/v2/{*rest}", any(v2))
+        .route("/", get(home))
+        .with_state(cache)
+        .layer(PropagateRequestIdLayer::new(REQUEST_ID))
+        .layer(
+            TraceLayer::new_for_http()
+                .make_span_with(DefaultMakeSpan::new().level(Level::INFO))
+                .on_response(DefaultOnResponse::new().level(Level::INFO)),
+        )
+        .layer(SetRequestIdLayer::new(REQUEST_ID, MakeRequestUuid))
+}
+
+async fn home() -> &'static str {
+    concat!(
+        "pullthrough ",
+        env!("CARGO_PKG_VERSION"),
+        ": a pull-through cache for OCI registries. Point clients at /v2/.\n"
+    )
+}
+
+async fn version_check() -> impl IntoResponse {
+    (
+        [
+            (API_VERSION, HeaderValue::from_static("registry/2.0")),
+            (
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/json"),
+            ),
+        ],
+        "{}",
+    )
+}
+
+async fn v2(
+    State(cache): State<Cache>,
+    method: Method,
+    Path(rest): Path<String>,
+    Query(query): Query<HashMap<String, String>>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    let route = Route::parse(&rest)?;
+    if method != Method::GET && method != Method::HEAD {
+        return Err(ApiError::Unsupported(format!(
+            "{method} is not supported: this is a read-only pull-through cache"
+        )));
+    }
+    let head = method == Method::HEAD;
+    let (up, repo) = route::select_upstream(cache.upstreams(), &route.name, query.get("ns"))?;
+    let mut response = match route.endpoint {
+        Endpoint::Manifest(reference) => {
+            let accept = Accept::parse(
+                headers
+                    .get_all(header::ACCEPT)
+                    .iter()
+                    .filter_map(|v| v.to_str().ok()),
+            );
+            let manifest = match &reference {
+                Reference::Tag(tag) => cache.manifest_by_tag(up, &repo, tag, &accept).await,
+                Reference::Digest(digest) => cache.manifest_by_digest(up, &repo, digest).await,
+            }
+            .map_err(ApiError::cache(Target::Manifest))?;
+            let mut r = if head {
+                Body::empty().into_response()
+            } else {
+                Body::from(manifest.bytes.clone()).into_response()
+            };
+            let h = r.headers_mut();
+            insert(h, header::CONTENT_TYPE, &manifest.media_type);
+            insert(h, header::CONTENT_LENGTH, &manifest.bytes.len().to_string());
+            insert(h, DOCKER_CONTENT_DIGEST, &manifest.digest.to_string());
+            insert(h, header::ETAG, &format!("\"{}\"", manifest.digest));
+            if manifest.stale {
+                insert(h, header::WARNING, "110 - \"Response is Stale\"");
+            }
+            r
+        }
+        Endpoint::Blob(digest) => {
+            let range = headers
+                .get(header::RANGE)
+                .and_then(|v| v.to_str().ok())
+                .and_then(ByteRange::parse);
+            let answer = cache
+                .blob(up, &repo, &digest, range, head)
+                .await
+                .map_err(ApiError::cache(Target::Blob))?
+                .map_err(ApiError::Range)?;
+            let mut r = match answer.body {
+                Some(body) => Body::from_stream(body).into_response(),
+                None => Body::empty().into_response(),
+            };
+            let h = r.headers_mut();
+            insert(h, header::CONTENT_TYPE, "application/octet-stream");
+            insert(h, DOCKER_CONTENT_DIGEST, &digest.to_string());
+            insert(h, header::ETAG, &format!("\"{digest}\""));
+            insert(h, header::ACCEPT_RANGES, "bytes");
+            match (answer.range, answer.size) {
+                (Some((start, end)), Some(size)) => {
+                    *r.status_mut() = StatusCode::PARTIAL_CONTENT;
+                    let h = r.headers_mut();
+                    insert(h, header::CONTENT_LENGTH, &(end - start).to_string());
+                    insert(
+                        h,
+                        header::CONTENT_RANGE,
+                        &format!("bytes {start}-{}/{size}", end - 1),
+                    );
+                }
+                (_, Some(size)) => {
+                    insert(r.headers_mut(), header::CONTENT_LENGTH, &size.to_string())
+                }
+                _ => {}
+            }
+            r
+        }
+        Endpoint::Tags => {
+            let n = query.get("n").and_then(|n| n.parse().ok());
+            let last = query.get("last").map(String::as_str);
+            let list = cache
+                .tags(up, &repo, n, last)
+                .await
+                .map_err(ApiError::cache(Target::Tags))?;
+            let body = serde_json::to_vec(&list).unwrap_or_default();
+            let mut r = if head {
+                Body::empty().into_response()
+            } else {
+                Body::from(body.clone()).into_response()
+            };
+            insert(r.headers_mut(), header::CONTENT_TYPE, "application/json");
+            insert(
+                r.headers_mut(),
+                header::CONTENT_LENGTH,
+                &body.len().to_string(),
+            );
+            r
+        }
+    };
+    response
+        .headers_mut()
+        .insert(API_VERSION, HeaderValue::from_static("registry/2.0"));
+    Ok(response)
+}
+
+fn insert(headers: &mut HeaderMap, name: HeaderName, value: &str) {
+    if let Ok(v) = HeaderValue::from_str(value) {
+        headers.insert(name, v);
+    }
+}

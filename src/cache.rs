@@ -1,0 +1,634 @@
+//! Cache policy: what to serve from the store, when to ask upstream, what to fetch.
+//!
+//! - Blobs and manifests by digest: a store hit is served (after upstream
+//!   confirmed, once, that the asking repository holds the digest); a miss
+//!   joins or starts the digest's flight.
+//! - Manifests by tag: a mapping younger than `tag_ttl` is served as is; an
+//!   older one is revalidated with `HEAD` and the manifest fetched by digest
+//!   only if the digest changed; if upstream fails, the old mapping is served
+//!   with a `Warning`.
+//! - A client whose `Accept` lacks the type the tag points to gets what upstream
+//!   gives it for its own `Accept`, never a type it did not ask for.
+
+mod accept;
+
+pub use accept::{Accept, MANIFEST_TYPES};
+
+use crate::flight::{self, BodyStream, FlightError, Flights, Role};
+use crate::reference::{Digest, RepoName, Tag};
+use crate::store::{ManifestRecord, Store, StoreError, TagRecord};
+use crate::upstream::{TagList, Upstream, UpstreamError, UpstreamErrorKind, Upstreams};
+use bytes::Bytes;
+use futures_util::TryStreamExt;
+use reqwest::header::{CONTENT_LENGTH, CONTENT_TYPE};
+use reqwest::Method;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+/// Largest manifest accepted from upstream; Distribution's own default limit.
+pub const MAX_MANIFEST_BYTES: u64 = 4 * 1024 * 1024;
+/// Header upstream uses to name a manifest's digest.
+const DOCKER_CONTENT_DIGEST: &str = "docker-content-digest";
+
+/// Why the cache could not answer.
+#[derive(Debug, thiserror::Error)]
+pub enum CacheError {
+    /// Upstream failed or refused.
+    #[error(transparent)]
+    Upstream(#[from] UpstreamError),
+    /// A download failed (upstream or disk).
+    #[error(transparent)]
+    Flight(#[from] FlightError),
+    /// The store failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+impl CacheError {
+    /// What upstream said, if the error came from upstream.
+    pub fn upstream_kind(&self) -> Option<&UpstreamErrorKind> {
+        match self {
+            CacheError::Upstream(e) => Some(&e.kind),
+            CacheError::Flight(FlightError::Upstream(e)) => Some(&e.kind),
+            _ => None,
+        }
+    }
+
+    /// Whether upstream (not the client, not our disk) caused it.
+    pub fn is_upstream(&self) -> bool {
+        match self {
+            CacheError::Upstream(_) => true,
+            CacheError::Flight(e) => e.is_upstream(),
+            CacheError::Store(_) => false,
+        }
+    }
+
+    /// Whether upstream said it does not have the thing.
+    pub fn is_not_found(&self) -> bool {
+        self.upstream_kind() == Some(&UpstreamErrorKind::NotFound)
+    }
+}
+
+/// A manifest ready to serve.
+#[derive(Debug, Clone)]
+pub struct Manifest {
+    /// Its digest (of exactly `bytes`).
+    pub digest: Digest,
+    /// Its media type.
+    pub media_type: String,
+    /// Its bytes, as upstream served them.
+    pub bytes: Bytes,
+    /// Served from an old mapping because upstream failed.
+    pub stale: bool,
+}
+
+/// A blob answer: the size and, for `GET`, a body of the requested range.
+pub struct BlobAnswer {
+    /// The blob's whole size, when known before the body ends.
+    pub size: Option<u64>,
+    /// The byte range served, `[start, end)`, if a `Range` was honoured.
+    pub range: Option<(u64, u64)>,
+    /// The body; `None` for `HEAD`.
+    pub body: Option<BodyStream>,
+}
+
+/// A `Range` request that cannot be satisfied.
+#[derive(Debug, Clone, Copy)]
+pub struct Unsatisfiable {
+    /// The blob's size, for `Content-Range: bytes */size`.
+    pub size: u64,
+}
+
+/// A single byte range as a client asked for it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ByteRange {
+    /// `bytes=start-` or `bytes=start-last`.
+    From {
+        /// First byte.
+        start: u64,
+        /// Last byte, inclusive.
+        last: Option<u64>,
+    },
+    /// `bytes=-n`: the last `n` bytes.
+    Suffix(u64),
+}
+
+impl ByteRange {
+    /// Parses a `Range` header holding exactly one byte range (RFC 9110 §14.1.2).
+    /// `None` means "ignore the header and serve everything", as the RFC allows for
+    /// forms we do not support (multiple ranges, other units).
+    pub fn parse(header: &str) -> Option<ByteRange> {
+        let spec = header.trim().strip_prefix("bytes=")?;
+        if spec.contains(',') {
+            return None;
+        }
+        let (a, b) = spec.trim().split_once('-')?;
+        if a.is_empty() {
+            return b.parse().ok().map(ByteRange::Suffix);
+        }
+        let start = a.parse().ok()?;
+        let last = if b.is_empty() {
+            None
+        } else {
+            let last: u64 = b.parse().ok()?;
+            if last < start {
+                return None;
+            }
+            Some(last)
+        };
+        Some(ByteRange::From { start, last })
+    }
+
+    /// The range `[start, end)` within a blob of `size` bytes.
+    pub fn resolve(self, size: u64) -> Result<(u64, u64), Unsatisfiable> {
+        match self {
+            ByteRange::From { start, last } if start < size => {
+                Ok((start, last.map_or(size, |l| l.min(size - 1) + 1)))
+            }
+            ByteRange::Suffix(n) if n > 0 && size > 0 => Ok((size - n.min(size), size)),
+            _ => Err(Unsatisfiable { size }),
+        }
+    }
+}
+
+/// The cache; cheap to clone.
+#[derive(Clone)]
+pub struct Cache {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    store: Store,
+    flights: Flights,
+    upstreams: Upstreams,
+    tag_ttl: Duration,
+}
+
+fn now_secs() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+fn header_len(resp: &reqwest::Response) -> Option<u64> {
+    resp.headers()
+        .get(CONTENT_LENGTH)?
+        .to_str()
+        .ok()?
+        .parse()
+        .ok()
+}
+
+fn header_str(
+    resp: &reqwest::Response,
+    name: impl reqwest::header::AsHeaderName,
+) -> Option<String> {
+    resp.headers()
+        .get(name)?
+        .to_str()
+        .ok()
+        .map(|s| s.split(';').next().unwrap_or(s).trim().to_string())
+}
+
+impl Cache {
+    /// A cache over `store`, fetching from `upstreams`.
+    pub fn new(store: Store, upstreams: Upstreams, tag_ttl: Duration) -> Cache {
+        Cache {
+            inner: Arc::new(Inner {
+                store,
+                flights: Flights::default(),
+                upstreams,
+                tag_ttl,
+            }),
+        }
+    }
+
+    /// The configured upstreams.
+    pub fn upstreams(&self) -> &Upstreams {
+        &self.inner.upstreams
+    }
+
+    /// The store.
+    pub fn store(&self) -> &Store {
+        &self.inner.store
+    }
+
+    /// Downloads in progress.
+    pub fn flights(&self) -> &Flights {
+        &self.inner.flights
+    }
+
+    /// A manifest by tag, following the tag policy in the module docs.
+    pub async fn manifest_by_tag(
+        &self,
+        up: &Upstream,
+        repo: &RepoName,
+        tag: &Tag,
+        accept: &Accept,
+    ) -> Result<Manifest, CacheError> {
+        let index = self.inner.store.index();
+        let record = index.tag(up.name(), repo, tag)?;
+        let record = match record {
+            Some(r) if now_secs().saturating_sub(r.fetched_at) < self.inner.tag_ttl.as_secs() => r,
+            old => match self.revalidate(up, repo, tag).await {
+                Ok(r) => r,
+                Err(e) if e.is_upstream() && !e.is_not_found() => {
+                    let Some(old) = old else { return Err(e) };
+                    tracing::warn!(upstream = up.name(), %repo, %tag, error = %e, "serving stale tag");
+                    let digest = self.record_digest(&old)?;
+                    if !accept.allows(&old.media_type) {
+                        return Err(e);
+                    }
+                    let mut m = self.manifest_by_digest(up, repo, &digest).await?;
+                    m.stale = true;
+                    return Ok(m);
+                }
+                Err(e) => return Err(e),
+            },
+        };
+        if !accept.allows(&record.media_type) {
+            return self.manifest_for_accept(up, repo, tag, accept).await;
+        }
+        let digest = self.record_digest(&record)?;
+        self.manifest_by_digest(up, repo, &digest).await
+    }
+
+    fn record_digest(&self, record: &TagRecord) -> Result<Digest, CacheError> {
+        record.digest.parse().map_err(|_| {
+            CacheError::Store(StoreError::Record(serde::de::Error::custom(format!(
+                "tag record holds an invalid digest {:?}",
+                record.digest
+            ))))
+        })
+    }
+
+    /// Asks upstream what `tag` points to now (a `HEAD`) and records it.
+    async fn revalidate(
+        &self,
+        up: &Upstream,
+        repo: &RepoName,
+        tag: &Tag,
+    ) -> Result<TagRecord, CacheError> {
+        let resp = up
+            .manifest(Method::HEAD, repo, tag.as_str(), MANIFEST_TYPES)
+            .await?;
+        let digest =
+            header_str(&resp, DOCKER_CONTENT_DIGEST).and_then(|d| d.parse::<Digest>().ok());
+        let media_type = header_str(&resp, CONTENT_TYPE);
+        let record = match (digest, media_type) {
+            (Some(digest), Some(media_type)) => TagRecord {
+                digest: digest.to_string(),
+                media_type,
+                fetched_at: now_secs(),
+            },
+            // Registries that leave the digest out of HEAD: fetch the tag and hash it.
+            _ => {
+                let m = self.fetch_by_tag(up, repo, tag, MANIFEST_TYPES).await?;
+                TagRecord {
+                    digest: m.digest.to_string(),
+                    media_type: m.media_type,
+                    fetched_at: now_secs(),
+                }
+            }
+        };
+        self.inner
+            .store
+            .index()
+            .set_tag(up.name(), repo, tag, &record)?;
+        Ok(record)
+    }
+
+    /// What upstream serves for `tag` to a client with this `Accept` (not recorded as the tag).
+    async fn manifest_for_accept(
+        &self,
+        up: &Upstream,
+        repo: &RepoName,
+        tag: &Tag,
+        accept: &Accept,
+    ) -> Result<Manifest, CacheError> {
+        self.fetch_by_tag(up, repo, tag, &accept.header_value())
+            .await
+    }
+
+    /// `GET`s a manifest by tag, stores it under the digest of its bytes.
+    async fn fetch_by_tag(
+        &self,
+        up: &Upstream,
+        repo: &RepoName,
+        tag: &Tag,
+        accept: &str,
+    ) -> Result<Manifest, CacheError> {
+        let resp = up.manifest(Method::GET, repo, tag.as_str(), accept).await?;
+        let media_type = header_str(&resp, CONTENT_TYPE).unwrap_or_default();
+        let bytes = read_manifest_body(up, resp).await?;
+        let digest = Digest::sha256_of(&bytes);
+        let store = &self.inner.store;
+        if store.blob_size(&digest).is_none() {
+            store.put_small(&digest, &bytes)?;
+        }
+        store.index().set_manifest(
+            &digest,
+            &ManifestRecord {
+                media_type: media_type.clone(),
+            },
+        )?;
+        store.link(up.name(), repo, &digest)?;
+        Ok(Manifest {
+            digest,
+            media_type,
+            bytes,
+            stale: false,
+        })
+    }
+
+    /// A manifest by digest: from the store, or through its flight.
+    pub async fn manifest_by_digest(
+        &self,
+        up: &Upstream,
+        repo: &RepoName,
+        digest: &Digest,
+    ) -> Result<Manifest, CacheError> {
+        let store = &self.inner.store;
+        if store.blob_size(digest).is_some() {
+            if let Some(record) = store.index().manifest(digest)? {
+                self.confirm(up, repo, digest, true).await?;
+                return self.stored_manifest(digest, record.media_type);
+            }
+        }
+        let flight = match self
+            .inner
+            .flights
+            .join(store, up.name(), digest, repo.as_str())
+        {
+            Role::Reader(flight) => flight,
+            Role::Leader(permit) => {
+                let flight = permit.flight().clone();
+                let resp = match up
+                    .manifest(Method::GET, repo, &digest.to_string(), MANIFEST_TYPES)
+                    .await
+                {
+                    Ok(resp) => resp,
+                    Err(e) => {
+                        permit.fail(e.clone().into());
+                        return Err(e.into());
+                    }
+                };
+                let size = header_len(&resp);
+                if size.is_some_and(|s| s > MAX_MANIFEST_BYTES) {
+                    let e = up_error(up, UpstreamErrorKind::Invalid("manifest too large".into()));
+                    permit.fail(e.clone().into());
+                    return Err(e.into());
+                }
+                let media_type = header_str(&resp, CONTENT_TYPE).unwrap_or_default();
+                let (name, repo) = (up.name().to_string(), repo.clone());
+                let linked = digest.clone();
+                let on_commit: flight::OnCommit = Box::new(move |store: &Store, _| {
+                    store
+                        .index()
+                        .set_manifest(&linked, &ManifestRecord { media_type })?;
+                    store.link(&name, &repo, &linked)
+                });
+                self.spawn_download(up, permit, size, resp, on_commit);
+                flight
+            }
+        };
+        flight.finished().await?;
+        let record = store.index().manifest(digest)?.unwrap_or(ManifestRecord {
+            media_type: String::new(),
+        });
+        self.confirm(up, repo, digest, true).await?;
+        self.stored_manifest(digest, record.media_type)
+    }
+
+    fn stored_manifest(&self, digest: &Digest, media_type: String) -> Result<Manifest, CacheError> {
+        let bytes = Bytes::from(self.inner.store.read_small(digest)?);
+        Ok(Manifest {
+            digest: digest.clone(),
+            media_type,
+            bytes,
+            stale: false,
+        })
+    }
+
+    /// Makes sure upstream has confirmed that `repo` holds `digest` before we serve it there.
+    async fn confirm(
+        &self,
+        up: &Upstream,
+        repo: &RepoName,
+        digest: &Digest,
+        manifest: bool,
+    ) -> Result<(), CacheError> {
+        let store = &self.inner.store;
+        if store.is_linked(up.name(), repo, digest) {
+            return Ok(());
+        }
+        if manifest {
+            up.manifest(Method::HEAD, repo, &digest.to_string(), MANIFEST_TYPES)
+                .await?;
+        } else {
+            up.blob(Method::HEAD, repo, digest).await?;
+        }
+        store.link(up.name(), repo, digest)?;
+        Ok(())
+    }
+
+    fn spawn_download(
+        &self,
+        up: &Upstream,
+        permit: flight::Permit,
+        size: Option<u64>,
+        resp: reqwest::Response,
+        on_commit: flight::OnCommit,
+    ) {
+        let name = up.name().to_string();
+        let body = resp.bytes_stream().map_err(move |e| {
+            FlightError::from(UpstreamError {
+                upstream: name.clone(),
+                kind: UpstreamErrorKind::Transport(format!("body: {e}")),
+            })
+        });
+        tokio::spawn(flight::download(
+            permit,
+            self.inner.store.clone(),
+            size,
+            body,
+            on_commit,
+        ));
+    }
+
+    /// A blob (or a range of it); `head` asks for the size only.
+    pub async fn blob(
+        &self,
+        up: &Upstream,
+        repo: &RepoName,
+        digest: &Digest,
+        range: Option<ByteRange>,
+        head: bool,
+    ) -> Result<Result<BlobAnswer, Unsatisfiable>, CacheError> {
+        let store = &self.inner.store;
+        if store.blob_size(digest).is_some() {
+            self.confirm(up, repo, digest, false).await?;
+            return Ok(self.stored_blob(digest, range, head)?);
+        }
+        if head {
+            // A HEAD is a question, not a pull: answer it without downloading.
+            let resp = up.blob(Method::HEAD, repo, digest).await?;
+            return Ok(Ok(BlobAnswer {
+                size: header_len(&resp),
+                range: None,
+                body: None,
+            }));
+        }
+        let flight = match self
+            .inner
+            .flights
+            .join(store, up.name(), digest, repo.as_str())
+        {
+            Role::Reader(flight) => {
+                self.confirm_reader(up, repo, &flight).await?;
+                flight
+            }
+            Role::Leader(permit) => {
+                // It may have landed between our look-up and the join.
+                if let Some(size) = store.blob_size(digest) {
+                    permit.already_stored(size);
+                    return Ok(self.stored_blob(digest, range, head)?);
+                }
+                let flight = permit.flight().clone();
+                let resp = match up.blob(Method::GET, repo, digest).await {
+                    Ok(resp) => resp,
+                    Err(e) => {
+                        permit.fail(e.clone().into());
+                        return Err(e.into());
+                    }
+                };
+                let size = header_len(&resp);
+                let (name, repo) = (up.name().to_string(), repo.clone());
+                let linked = digest.clone();
+                let on_commit: flight::OnCommit =
+                    Box::new(move |store: &Store, _| store.link(&name, &repo, &linked));
+                self.spawn_download(up, permit, size, resp, on_commit);
+                flight
+            }
+        };
+        let size = flight.started().await?;
+        let (start, end, served) = match (range, size) {
+            (Some(r), Some(size)) => match r.resolve(size) {
+                Ok((s, e)) => (s, Some(e), Some((s, e))),
+                Err(u) => return Ok(Err(u)),
+            },
+            _ => (0, size, None),
+        };
+        Ok(Ok(BlobAnswer {
+            size,
+            range: served,
+            body: Some(flight.read(start, end)),
+        }))
+    }
+
+    /// A reader joining a flight started by another repository confirms its own repository first.
+    async fn confirm_reader(
+        &self,
+        up: &Upstream,
+        repo: &RepoName,
+        flight: &flight::Flight,
+    ) -> Result<(), CacheError> {
+        if flight.origin() == repo.as_str() {
+            return Ok(()); // the leader's GET is upstream's confirmation
+        }
+        self.confirm(up, repo, flight.digest(), false).await
+    }
+
+    fn stored_blob(
+        &self,
+        digest: &Digest,
+        range: Option<ByteRange>,
+        head: bool,
+    ) -> Result<Result<BlobAnswer, Unsatisfiable>, StoreError> {
+        let path = self.inner.store.blob_path(digest);
+        let file = std::fs::File::open(&path).map_err(|source| StoreError::Io {
+            path: path.clone(),
+            source,
+        })?;
+        let size = file
+            .metadata()
+            .map_err(|source| StoreError::Io { path, source })?
+            .len();
+        let (start, end, served) = match range.map(|r| r.resolve(size)) {
+            Some(Ok((s, e))) => (s, e, Some((s, e))),
+            Some(Err(u)) => return Ok(Err(u)),
+            None => (0, size, None),
+        };
+        Ok(Ok(BlobAnswer {
+            size: Some(size),
+            range: served,
+            body: (!head).then(|| flight::read_file(file, start, end)),
+        }))
+    }
+
+    /// A repository's tags from upstream; if upstream fails, the tags the cache knows.
+    pub async fn tags(
+        &self,
+        up: &Upstream,
+        repo: &RepoName,
+        n: Option<u32>,
+        last: Option<&str>,
+    ) -> Result<TagList, CacheError> {
+        match up.tags(repo, n, last).await {
+            Ok(list) => Ok(list),
+            Err(e) if e.kind != UpstreamErrorKind::NotFound => {
+                let mut tags = self.inner.store.index().tags_of(up.name(), repo)?;
+                if tags.is_empty() {
+                    return Err(e.into());
+                }
+                tracing::warn!(upstream = up.name(), %repo, error = %e, "serving known tags");
+                if let Some(last) = last {
+                    tags.retain(|t| t.as_str() > last);
+                }
+                if let Some(n) = n {
+                    tags.truncate(n as usize);
+                }
+                Ok(TagList {
+                    name: repo.to_string(),
+                    tags,
+                })
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+}
+
+fn up_error(up: &Upstream, kind: UpstreamErrorKind) -> UpstreamError {
+    UpstreamError {
+        upstream: up.name().to_string(),
+        kind,
+    }
+}
+
+/// Reads a manifest body whole, refusing anything over [`MAX_MANIFEST_BYTES`].
+async fn read_manifest_body(
+    up: &Upstream,
+    resp: reqwest::Response,
+) -> Result<Bytes, UpstreamError> {
+    if header_len(&resp).is_some_and(|s| s > MAX_MANIFEST_BYTES) {
+        return Err(up_error(
+            up,
+            UpstreamErrorKind::Invalid("manifest too large".into()),
+        ));
+    }
+    let bytes = resp
+        .bytes()
+        .await
+        .map_err(|e| up_error(up, UpstreamErrorKind::Transport(format!("body: {e}"))))?;
+    if bytes.len() as u64 > MAX_MANIFEST_BYTES {
+        return Err(up_error(
+            up,
+            UpstreamErrorKind::Invalid("manifest too large".into()),
+        ));
+    }
+    Ok(bytes)
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,302 @@
+//! Configuration: the embedded default, a TOML file, `PULLTHROUGH_…`
+//! environment variables and flags, merged in that order, then validated
+//! completely before anything binds.
+
+use figment::providers::{Env, Format, Serialized, Toml};
+use figment::Figment;
+use serde::{Deserialize, Deserializer, Serialize};
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// The documented default configuration, compiled into the binary.
+pub const DEFAULT_CONFIG: &str = include_str!("../config/pullthrough.toml");
+
+/// Why a configuration was refused. Each names the key and the problem.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The TOML or environment could not be read or has a wrong type or unknown key.
+    #[error("configuration: {0}")]
+    Parse(#[from] Box<figment::Error>),
+    /// A value parsed but makes no sense.
+    #[error("configuration: {key}: {problem}")]
+    Invalid {
+        /// The offending key, e.g. `upstreams[2].url`.
+        key: String,
+        /// What is wrong with it.
+        problem: String,
+    },
+}
+
+fn invalid(key: impl Into<String>, problem: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        key: key.into(),
+        problem: problem.into(),
+    }
+}
+
+/// The whole configuration of one pullthrough process.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Name (or alias) of the upstream used when a request names none.
+    pub default_upstream: String,
+    /// The HTTP listener.
+    pub server: ServerConfig,
+    /// Where the store lives.
+    pub storage: StorageConfig,
+    /// Cache policy.
+    pub cache: CacheConfig,
+    /// The registries pulled through.
+    pub upstreams: Vec<UpstreamConfig>,
+}
+
+/// `[server]`
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerConfig {
+    /// Address to listen on.
+    pub listen: SocketAddr,
+}
+
+/// `[storage]`
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct StorageConfig {
+    /// The data directory.
+    pub path: PathBuf,
+}
+
+/// `[cache]`
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct CacheConfig {
+    /// How long a tag is served without asking upstream.
+    #[serde(with = "human_duration")]
+    pub tag_ttl: Duration,
+}
+
+/// One `[[upstreams]]` entry.
+#[derive(Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpstreamConfig {
+    /// What `?ns=` and path prefixes match, e.g. `docker.io`.
+    pub name: String,
+    /// Base URL of the registry, e.g. `https://registry-1.docker.io`.
+    pub url: String,
+    /// Other names for the same registry.
+    #[serde(default)]
+    pub aliases: Vec<String>,
+    /// Docker Hub's rule: one-component names live under `library/`.
+    #[serde(default)]
+    pub library_prefix: bool,
+    /// User name for Basic auth or for the token endpoint.
+    #[serde(default)]
+    pub username: Option<String>,
+    /// File holding the password (e.g. a mounted Secret).
+    #[serde(default)]
+    pub password_file: Option<PathBuf>,
+    /// Environment variable holding the password.
+    #[serde(default)]
+    pub password_env: Option<String>,
+}
+
+impl fmt::Debug for UpstreamConfig {
+    // Written by hand so that nothing about credentials but their presence is ever printed.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("UpstreamConfig")
+            .field("name", &self.name)
+            .field("url", &self.url)
+            .field("aliases", &self.aliases)
+            .field("library_prefix", &self.library_prefix)
+            .field("username", &self.username.as_ref().map(|_| "<set>"))
+            .field("password_file", &self.password_file)
+            .field("password_env", &self.password_env)
+            .finish()
+    }
+}
+
+/// A password read from a file or the environment; never printed.
+#[derive(Clone)]
+pub struct Secret(String);
+
+impl Secret {
+    /// Wraps a secret value.
+    pub fn new(value: impl Into<String>) -> Secret {
+        Secret(value.into())
+    }
+
+    /// The secret itself, for building an `Authorization` header.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret(<redacted>)")
+    }
+}
+
+/// Credentials for one upstream, resolved at start-up.
+#[derive(Debug, Clone)]
+pub struct Credentials {
+    /// The user name.
+    pub username: String,
+    /// The password.
+    pub password: Secret,
+}
+
+/// Values given on the command line; they override everything else.
+#[derive(Debug, Default, Clone)]
+pub struct Overrides {
+    /// `--listen`
+    pub listen: Option<SocketAddr>,
+    /// `--data`
+    pub data: Option<PathBuf>,
+}
+
+impl Config {
+    /// Merges default < `file` < environment < `overrides`, then validates.
+    pub fn load(file: Option<&Path>, overrides: &Overrides) -> Result<Config, ConfigError> {
+        let mut figment = Figment::from(Toml::string(DEFAULT_CONFIG));
+        if let Some(file) = file {
+            if !file.is_file() {
+                return Err(invalid(
+                    "--config",
+                    format!("{} does not exist or is not a file", file.display()),
+                ));
+            }
+            figment = figment.merge(Toml::file_exact(file));
+        }
+        figment = figment.merge(Env::prefixed("PULLTHROUGH_").split("__"));
+        if let Some(listen) = overrides.listen {
+            figment = figment.merge(Serialized::default("server.listen", listen));
+        }
+        if let Some(data) = &overrides.data {
+            figment = figment.merge(Serialized::default("storage.path", data));
+        }
+        let config: Config = figment.extract().map_err(Box::new)?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Parses a complete TOML document (no defaults merged) and validates it.
+    pub fn from_toml(text: &str) -> Result<Config, ConfigError> {
+        let config: Config = Figment::from(Toml::string(text))
+            .extract()
+            .map_err(Box::new)?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Checks everything that types alone cannot.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.upstreams.is_empty() {
+            return Err(invalid("upstreams", "at least one upstream is required"));
+        }
+        let mut seen: Vec<String> = Vec::new();
+        for (i, up) in self.upstreams.iter().enumerate() {
+            let key = |k: &str| format!("upstreams[{i}].{k}");
+            if up.name.is_empty() {
+                return Err(invalid(key("name"), "must not be empty"));
+            }
+            for n in std::iter::once(&up.name).chain(&up.aliases) {
+                let n = n.to_ascii_lowercase();
+                if seen.contains(&n) {
+                    return Err(invalid(
+                        key("name"),
+                        format!("{n:?} names more than one upstream"),
+                    ));
+                }
+                seen.push(n);
+            }
+            let url = reqwest::Url::parse(&up.url)
+                .map_err(|e| invalid(key("url"), format!("{:?} is not a URL: {e}", up.url)))?;
+            if !matches!(url.scheme(), "http" | "https") || url.host_str().is_none() {
+                return Err(invalid(
+                    key("url"),
+                    format!(
+                        "{:?} must be an http:// or https:// URL with a host",
+                        up.url
+                    ),
+                ));
+            }
+            if up.password_file.is_some() && up.password_env.is_some() {
+                return Err(invalid(
+                    key("password_file"),
+                    "set password_file or password_env, not both",
+                ));
+            }
+            if (up.password_file.is_some() || up.password_env.is_some()) && up.username.is_none() {
+                return Err(invalid(key("username"), "a password needs a username"));
+            }
+            up.credentials().map_err(|p| invalid(key("password"), p))?;
+        }
+        if self.find_upstream(&self.default_upstream).is_none() {
+            return Err(invalid(
+                "default_upstream",
+                format!("{:?} names no configured upstream", self.default_upstream),
+            ));
+        }
+        if self.cache.tag_ttl > Duration::from_secs(365 * 24 * 3600) {
+            return Err(invalid("cache.tag_ttl", "must be at most a year"));
+        }
+        Ok(())
+    }
+
+    /// The upstream called `name`, by its name, an alias or its URL's host.
+    pub fn find_upstream(&self, name: &str) -> Option<&UpstreamConfig> {
+        self.upstreams.iter().find(|u| u.answers_to(name))
+    }
+}
+
+impl UpstreamConfig {
+    /// Whether `name` (from `?ns=` or a path prefix) means this upstream.
+    pub fn answers_to(&self, name: &str) -> bool {
+        let name = name.to_ascii_lowercase();
+        name == self.name.to_ascii_lowercase()
+            || self.aliases.iter().any(|a| a.to_ascii_lowercase() == name)
+    }
+
+    /// Reads the configured credentials, if any.
+    pub fn credentials(&self) -> Result<Option<Credentials>, String> {
+        let Some(username) = self.username.clone() else {
+            return Ok(None);
+        };
+        let password = if let Some(path) = &self.password_file {
+            std::fs::read_to_string(path)
+                .map_err(|e| format!("cannot read password_file {}: {e}", path.display()))?
+                .trim_end_matches(['\n', '\r'])
+                .to_string()
+        } else if let Some(var) = &self.password_env {
+            std::env::var(var).map_err(|_| format!("environment variable {var} is not set"))?
+        } else {
+            return Err("username is set but neither password_file nor password_env".into());
+        };
+        Ok(Some(Credentials {
+            username,
+            password: Secret::new(password),
+        }))
+    }
+}
+
+/// Durations written as people write them: `30s`, `5m`, `1h 30m`.
+mod human_duration {
+    use super::*;
+
+    pub fn serialize<S: serde::Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&humantime::format_duration(*d).to_string())
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        let text = String::deserialize(d)?;
+        humantime::parse_duration(&text).map_err(|e| {
+            serde::de::Error::custom(format!("{text:?} is not a duration like \"5m\": {e}"))
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests;

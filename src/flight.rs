@@ -1,0 +1,494 @@
+//! One upstream download per digest, read by any number of clients while it lands.
+//!
+//! [`Flights::join`] hands the first caller a [`Role::Leader`] permit and
+//! everyone else a [`Role::Reader`]. The leader's download runs in its own
+//! task ([`download`]), so no client hanging up cancels it. It writes the body
+//! to a temporary file while hashing it and publishes, through a `watch`
+//! channel, how many bytes readers may read. The last chunk is withheld until
+//! the digest has verified, so a body that arrives complete is the right one.
+//! Then the file is fsynced and renamed into `blobs/`; readers holding the
+//! temporary file open keep reading it (Linux keeps the inode alive), readers
+//! arriving later open the final file. On failure the file is deleted and
+//! every reader's body ends with an error, never cleanly.
+
+use crate::reference::Digest;
+use crate::store::{Store, StoreError};
+use bytes::Bytes;
+use futures_util::{Stream, StreamExt};
+use std::collections::HashMap;
+use std::fs::File;
+use std::io::{self, Read, Seek, SeekFrom, Write};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use tokio::sync::{mpsc, watch};
+
+/// Bytes a reader reads from disk at a time; 512 KiB matched nginx's sendfile here
+/// (FIELD-NOTES, "Load and measurement"), while memory per reader stays at
+/// `READ_CHUNK * (BODY_QUEUE + 1)`.
+pub const READ_CHUNK: usize = 512 * 1024;
+/// Chunks queued between a reader's disk thread and its HTTP body.
+const BODY_QUEUE: usize = 2;
+/// Chunks queued between the upstream body and the writer thread.
+const WRITE_QUEUE: usize = 16;
+
+/// Why a flight failed. Cloned to every reader.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum FlightError {
+    /// Upstream refused or failed; the message says how.
+    #[error("{0}")]
+    Upstream(Arc<crate::upstream::UpstreamError>),
+    /// Upstream's bytes did not hash to the digest asked for.
+    #[error("upstream sent content that does not match {expected} (got {actual})")]
+    DigestMismatch {
+        /// The digest requested.
+        expected: String,
+        /// The digest of what arrived.
+        actual: String,
+    },
+    /// Upstream's body was shorter or longer than it announced.
+    #[error("upstream sent {actual} bytes where it announced {expected}")]
+    SizeMismatch {
+        /// Bytes announced.
+        expected: u64,
+        /// Bytes received.
+        actual: u64,
+    },
+    /// Our side: the disk or the index failed.
+    #[error("store: {0}")]
+    Store(Arc<StoreError>),
+    /// The download task ended without an outcome (it panicked).
+    #[error("download abandoned")]
+    Abandoned,
+}
+
+impl FlightError {
+    /// Whether upstream caused it (as opposed to our disk).
+    pub fn is_upstream(&self) -> bool {
+        !matches!(self, FlightError::Store(_) | FlightError::Abandoned)
+    }
+}
+
+fn store_error(e: StoreError) -> FlightError {
+    FlightError::Store(Arc::new(e))
+}
+
+fn io_store_error(path: &std::path::Path, source: io::Error) -> FlightError {
+    store_error(StoreError::Io {
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
+/// Where a flight is.
+#[derive(Debug, Clone)]
+pub enum State {
+    /// Waiting for upstream's answer.
+    Starting,
+    /// The body is landing; bytes `[0, visible)` of the temporary file may be read.
+    Streaming {
+        /// What upstream announced, if it did.
+        size: Option<u64>,
+        /// Verified-safe prefix readers may serve.
+        visible: u64,
+    },
+    /// Verified and committed under `blobs/`.
+    Done {
+        /// The blob's size.
+        size: u64,
+    },
+    /// Failed; the temporary file is gone.
+    Failed(FlightError),
+}
+
+/// One download of one digest.
+pub struct Flight {
+    digest: Digest,
+    /// The repository whose request started it (upstream confirmed it holds the digest).
+    origin: String,
+    tmp: PathBuf,
+    done_path: PathBuf,
+    state: watch::Sender<State>,
+}
+
+impl Flight {
+    /// The digest being downloaded.
+    pub fn digest(&self) -> &Digest {
+        &self.digest
+    }
+
+    /// The repository whose request started the download.
+    pub fn origin(&self) -> &str {
+        &self.origin
+    }
+
+    /// Waits until upstream has answered: the size it announced (if any), or why it failed.
+    pub async fn started(&self) -> Result<Option<u64>, FlightError> {
+        let mut rx = self.state.subscribe();
+        let state = rx
+            .wait_for(|s| !matches!(s, State::Starting))
+            .await
+            .expect("the flight owns its sender")
+            .clone();
+        match state {
+            State::Starting => unreachable!("waited for a later state"),
+            State::Streaming { size, .. } => Ok(size),
+            State::Done { size } => Ok(Some(size)),
+            State::Failed(e) => Err(e),
+        }
+    }
+
+    /// Waits for the outcome: the committed size, or why it failed.
+    pub async fn finished(&self) -> Result<u64, FlightError> {
+        let mut rx = self.state.subscribe();
+        let state = rx
+            .wait_for(|s| matches!(s, State::Done { .. } | State::Failed(_)))
+            .await
+            .expect("the flight owns its sender")
+            .clone();
+        match state {
+            State::Done { size } => Ok(size),
+            State::Failed(e) => Err(e),
+            _ => unreachable!("waited for an outcome"),
+        }
+    }
+
+    /// Streams bytes `[start, end)` (to the end of the blob when `end` is `None`)
+    /// as they land. The stream ends with an error if the flight fails.
+    pub fn read(self: Arc<Self>, start: u64, end: Option<u64>) -> BodyStream {
+        let (tx, rx) = mpsc::channel(BODY_QUEUE);
+        let handle = tokio::runtime::Handle::current();
+        tokio::task::spawn_blocking(move || {
+            if let Err(e) = self.pump(&handle, start, end, &tx) {
+                let _ = tx.blocking_send(Err(e));
+            }
+        });
+        receiver_stream(rx)
+    }
+
+    /// Opens the bytes: the temporary file while downloading, else the final one.
+    fn open(&self, handle: &tokio::runtime::Handle) -> io::Result<File> {
+        let mut rx = self.state.subscribe();
+        handle
+            .block_on(rx.wait_for(|s| !matches!(s, State::Starting)))
+            .map_err(|_| io::Error::other("flight vanished"))?;
+        match File::open(&self.tmp) {
+            Ok(f) => Ok(f),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                // Renamed (done) or deleted (failed): which one, the outcome says.
+                match handle.block_on(self.finished()) {
+                    Ok(_) => File::open(&self.done_path),
+                    Err(e) => Err(io::Error::other(e)),
+                }
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    fn pump(
+        &self,
+        handle: &tokio::runtime::Handle,
+        start: u64,
+        end: Option<u64>,
+        tx: &mpsc::Sender<io::Result<Bytes>>,
+    ) -> io::Result<()> {
+        let mut file = self.open(handle)?;
+        file.seek(SeekFrom::Start(start))?;
+        let mut pos = start;
+        let mut rx = self.state.subscribe();
+        loop {
+            let (readable, complete) = match &*rx.borrow_and_update() {
+                State::Starting => (0, None),
+                State::Streaming { visible, .. } => (*visible, None),
+                State::Done { size } => (*size, Some(*size)),
+                State::Failed(e) => return Err(io::Error::other(e.clone())),
+            };
+            let limit = end.map_or(readable, |e| e.min(readable));
+            if pos < limit {
+                let want = ((limit - pos) as usize).min(READ_CHUNK);
+                let mut buf = vec![0; want];
+                file.read_exact(&mut buf)?;
+                pos += want as u64;
+                if tx.blocking_send(Ok(Bytes::from(buf))).is_err() {
+                    return Ok(()); // the client hung up; the download goes on without it
+                }
+                continue;
+            }
+            if end.is_some_and(|e| pos >= e) || complete.is_some_and(|size| pos >= size) {
+                return Ok(());
+            }
+            if handle.block_on(rx.changed()).is_err() {
+                return Err(io::Error::other("flight vanished"));
+            }
+        }
+    }
+}
+
+/// A body: chunks of bytes, ending with an error if the bytes turned out bad.
+pub type BodyStream = std::pin::Pin<Box<dyn Stream<Item = io::Result<Bytes>> + Send>>;
+
+fn receiver_stream(rx: mpsc::Receiver<io::Result<Bytes>>) -> BodyStream {
+    Box::pin(futures_util::stream::unfold(rx, |mut rx| async move {
+        rx.recv().await.map(|item| (item, rx))
+    }))
+}
+
+/// Streams `[start, end)` of a stored, verified file.
+pub fn read_file(file: File, start: u64, end: u64) -> BodyStream {
+    let (tx, rx) = mpsc::channel(BODY_QUEUE);
+    tokio::task::spawn_blocking(move || {
+        let result = (|| -> io::Result<()> {
+            let mut file = file;
+            file.seek(SeekFrom::Start(start))?;
+            let mut pos = start;
+            while pos < end {
+                let want = ((end - pos) as usize).min(READ_CHUNK);
+                let mut buf = vec![0; want];
+                file.read_exact(&mut buf)?;
+                pos += want as u64;
+                if tx.blocking_send(Ok(Bytes::from(buf))).is_err() {
+                    return Ok(());
+                }
+            }
+            Ok(())
+        })();
+        if let Err(e) = result {
+            let _ = tx.blocking_send(Err(e));
+        }
+    });
+    receiver_stream(rx)
+}
+
+/// A caller's part in a flight.
+pub enum Role {
+    /// First to ask: must start the download with [`download`] (or settle it).
+    Leader(Permit),
+    /// A download is already under way: read from it.
+    Reader(Arc<Flight>),
+}
+
+/// Flights are per upstream: the same digest from two registries is two downloads.
+type FlightKey = (String, Digest);
+
+/// The map of downloads in progress; cheap to clone.
+#[derive(Clone, Default)]
+pub struct Flights {
+    /// A std mutex: held only to look up, insert or remove, never across an await.
+    map: Arc<Mutex<HashMap<FlightKey, Arc<Flight>>>>,
+}
+
+impl Flights {
+    /// Joins the flight for `digest` from `upstream`, starting one if none is under way.
+    pub fn join(&self, store: &Store, upstream: &str, digest: &Digest, origin: &str) -> Role {
+        let key = (upstream.to_string(), digest.clone());
+        let mut map = self.map.lock().expect("flight map poisoned");
+        if let Some(f) = map.get(&key) {
+            return Role::Reader(f.clone());
+        }
+        let flight = Arc::new(Flight {
+            digest: digest.clone(),
+            origin: origin.to_string(),
+            tmp: store.tmp_path(digest),
+            done_path: store.blob_path(digest),
+            state: watch::channel(State::Starting).0,
+        });
+        map.insert(key.clone(), flight.clone());
+        Role::Leader(Permit {
+            flights: self.clone(),
+            key,
+            flight,
+            settled: false,
+        })
+    }
+
+    /// Downloads in progress now.
+    pub fn in_progress(&self) -> usize {
+        self.map.lock().expect("flight map poisoned").len()
+    }
+}
+
+/// The leader's right and duty to settle a flight. Dropping it unsettled fails the flight.
+pub struct Permit {
+    flights: Flights,
+    key: FlightKey,
+    flight: Arc<Flight>,
+    settled: bool,
+}
+
+impl Permit {
+    /// The flight this permit leads.
+    pub fn flight(&self) -> &Arc<Flight> {
+        &self.flight
+    }
+
+    /// Ends the flight with `state` and removes it from the map, so the next
+    /// request finds the blob in the store (done) or starts afresh (failed).
+    fn settle(mut self, state: State) {
+        self.settled = true;
+        self.flight.state.send_replace(state);
+        self.flights
+            .map
+            .lock()
+            .expect("flight map poisoned")
+            .remove(&self.key);
+    }
+
+    /// Settles as done without downloading: the store already had the blob.
+    pub fn already_stored(self, size: u64) {
+        self.settle(State::Done { size });
+    }
+
+    /// Settles as failed before any download began.
+    pub fn fail(self, error: FlightError) {
+        self.settle(State::Failed(error));
+    }
+}
+
+impl Drop for Permit {
+    fn drop(&mut self) {
+        if !self.settled {
+            self.flight
+                .state
+                .send_replace(State::Failed(FlightError::Abandoned));
+            if let Ok(mut map) = self.flights.map.lock() {
+                map.remove(&self.key);
+            }
+        }
+    }
+}
+
+/// Called after the blob is committed and before readers are told it is done,
+/// to record what the index needs (a manifest's media type, a repository link).
+pub type OnCommit = Box<dyn FnOnce(&Store, u64) -> Result<(), StoreError> + Send>;
+
+/// Runs a flight's download to its end: `body` is upstream's response body,
+/// `size` what upstream announced. Spawn it: it must outlive every client.
+pub async fn download<S, E>(
+    permit: Permit,
+    store: Store,
+    size: Option<u64>,
+    body: S,
+    on_commit: OnCommit,
+) where
+    S: Stream<Item = Result<Bytes, E>> + Send,
+    E: Into<FlightError>,
+{
+    let (tx, rx) = std::sync::mpsc::sync_channel::<Option<Bytes>>(WRITE_QUEUE);
+    let flight = permit.flight.clone();
+    let writer = tokio::task::spawn_blocking(move || write(&flight, &store, size, rx, on_commit));
+    let mut body = std::pin::pin!(body);
+    let mut upstream_error = None;
+    while let Some(chunk) = body.next().await {
+        match chunk {
+            Ok(bytes) => {
+                // A full queue means the disk is slower than the network: wait on a
+                // blocking thread rather than stall this worker.
+                let tx2 = tx.clone();
+                let sent = match tx2.try_send(Some(bytes)) {
+                    Ok(()) => true,
+                    Err(std::sync::mpsc::TrySendError::Full(b)) => {
+                        tokio::task::spawn_blocking(move || tx2.send(b).is_ok())
+                            .await
+                            .unwrap_or(false)
+                    }
+                    Err(std::sync::mpsc::TrySendError::Disconnected(_)) => false,
+                };
+                if !sent {
+                    break; // the writer failed; its error is the outcome
+                }
+            }
+            Err(e) => {
+                upstream_error = Some(e.into());
+                break;
+            }
+        }
+    }
+    if upstream_error.is_none() {
+        let _ = tx.send(None); // end of body: verify and commit
+    }
+    drop(tx);
+    let outcome = match writer.await {
+        Ok(Ok(size)) => State::Done { size },
+        Ok(Err(e)) => State::Failed(upstream_error.unwrap_or(e)),
+        Err(_) => State::Failed(FlightError::Abandoned),
+    };
+    if let State::Failed(e) = &outcome {
+        tracing::warn!(digest = %permit.flight.digest, error = %e, "download failed");
+    }
+    permit.settle(outcome);
+}
+
+/// The writer thread: appends, hashes, publishes progress; verifies and commits at the end.
+/// Returns an error (after deleting the temporary file) on any failure or a missing end mark.
+fn write(
+    flight: &Flight,
+    store: &Store,
+    size: Option<u64>,
+    rx: std::sync::mpsc::Receiver<Option<Bytes>>,
+    on_commit: OnCommit,
+) -> Result<u64, FlightError> {
+    let tmp = flight.tmp.clone();
+    let result = (|| {
+        let mut file = File::create(&tmp).map_err(|e| io_store_error(&tmp, e))?;
+        flight
+            .state
+            .send_replace(State::Streaming { size, visible: 0 });
+        let mut hasher = flight.digest.algorithm().hasher();
+        let mut written: u64 = 0;
+        let mut ended = false;
+        while let Ok(msg) = rx.recv() {
+            let Some(bytes) = msg else {
+                ended = true;
+                break;
+            };
+            file.write_all(&bytes)
+                .map_err(|e| io_store_error(&tmp, e))?;
+            hasher.update(&bytes);
+            // Publish all but this chunk: the last one is released only after verification.
+            let visible = written;
+            written += bytes.len() as u64;
+            if size.is_some_and(|s| written > s) {
+                return Err(FlightError::SizeMismatch {
+                    expected: size.unwrap_or_default(),
+                    actual: written,
+                });
+            }
+            flight
+                .state
+                .send_replace(State::Streaming { size, visible });
+        }
+        if !ended {
+            return Err(FlightError::Abandoned);
+        }
+        if let Some(expected) = size.filter(|s| *s != written) {
+            return Err(FlightError::SizeMismatch {
+                expected,
+                actual: written,
+            });
+        }
+        let actual = hasher.finish();
+        if actual != flight.digest {
+            return Err(FlightError::DigestMismatch {
+                expected: flight.digest.to_string(),
+                actual: actual.to_string(),
+            });
+        }
+        file.sync_all().map_err(|e| io_store_error(&tmp, e))?;
+        drop(file);
+        store.commit(&tmp, &flight.digest).map_err(store_error)?;
+        on_commit(store, written).map_err(store_error)?;
+        Ok(written)
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result
+}
+
+#[cfg(test)]
+mod tests;
+
+impl From<crate::upstream::UpstreamError> for FlightError {
+    fn from(e: crate::upstream::UpstreamError) -> FlightError {
+        FlightError::Upstream(Arc::new(e))
+    }
+}

@@ -1,0 +1,131 @@
+use super::*;
+use futures_util::StreamExt;
+
+fn chunks(data: &[u8], size: usize) -> Vec<Result<Bytes, FlightError>> {
+    data.chunks(size)
+        .map(|c| Ok(Bytes::copy_from_slice(c)))
+        .collect()
+}
+
+async fn collect(mut body: BodyStream) -> io::Result<Vec<u8>> {
+    let mut out = Vec::new();
+    while let Some(chunk) = body.next().await {
+        out.extend_from_slice(&chunk?);
+    }
+    Ok(out)
+}
+
+fn data(len: usize) -> Vec<u8> {
+    (0..len).map(|i| (i * 7 % 251) as u8).collect()
+}
+
+fn linked(_: &Store, _: u64) -> Result<(), StoreError> {
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn readers_get_every_byte_and_the_blob_is_committed() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path()).unwrap();
+    let flights = Flights::default();
+    let body = data(3 * READ_CHUNK + 17);
+    let digest = Digest::sha256_of(&body);
+    let Role::Leader(permit) = flights.join(&store, "up", &digest, "r") else {
+        panic!("first join leads")
+    };
+    let Role::Reader(reader) = flights.join(&store, "up", &digest, "r") else {
+        panic!("second join reads")
+    };
+    let first = permit.flight().clone().read(0, None);
+    let ranged = reader.clone().read(10, Some(20));
+    let stream = futures_util::stream::iter(chunks(&body, 10_000));
+    let size = Some(body.len() as u64);
+    tokio::spawn(download(
+        permit,
+        store.clone(),
+        size,
+        stream,
+        Box::new(linked),
+    ));
+    assert_eq!(collect(first).await.unwrap(), body);
+    assert_eq!(collect(ranged).await.unwrap(), &body[10..20]);
+    assert_eq!(reader.finished().await.unwrap(), body.len() as u64);
+    assert_eq!(std::fs::read(store.blob_path(&digest)).unwrap(), body);
+    assert_eq!(flights.in_progress(), 0);
+    // A reader arriving after the rename reads the final file.
+    assert_eq!(collect(reader.read(0, None)).await.unwrap(), body);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_digest_mismatch_fails_every_reader_and_keeps_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path()).unwrap();
+    let flights = Flights::default();
+    let body = data(200_000);
+    let digest = Digest::sha256_of(b"something else");
+    let Role::Leader(permit) = flights.join(&store, "up", &digest, "r") else {
+        panic!()
+    };
+    let reader = permit.flight().clone();
+    let body_stream = reader.clone().read(0, None);
+    let stream = futures_util::stream::iter(chunks(&body, 4096));
+    download(permit, store.clone(), None, stream, Box::new(linked)).await;
+    let got = collect(body_stream).await;
+    assert!(got.is_err(), "the body must end with an error, not cleanly");
+    assert!(matches!(
+        reader.finished().await,
+        Err(FlightError::DigestMismatch { .. })
+    ));
+    assert!(!store.blob_path(&digest).exists());
+    assert_eq!(
+        std::fs::read_dir(dir.path().join("tmp")).unwrap().count(),
+        0
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_short_body_fails_even_with_the_right_prefix() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path()).unwrap();
+    let flights = Flights::default();
+    let body = data(100_000);
+    let digest = Digest::sha256_of(&body);
+    let Role::Leader(permit) = flights.join(&store, "up", &digest, "r") else {
+        panic!()
+    };
+    let flight = permit.flight().clone();
+    let mut parts = chunks(&body[..50_000], 4096);
+    parts.push(Err(FlightError::Abandoned));
+    download(
+        permit,
+        store.clone(),
+        Some(100_000),
+        futures_util::stream::iter(parts),
+        Box::new(linked),
+    )
+    .await;
+    assert!(flight.finished().await.is_err());
+    assert!(collect(flight.read(0, None)).await.is_err());
+    assert!(!store.blob_path(&digest).exists());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_dropped_permit_fails_the_flight_and_frees_the_digest() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path()).unwrap();
+    let flights = Flights::default();
+    let digest = Digest::sha256_of(b"x");
+    let Role::Leader(permit) = flights.join(&store, "up", &digest, "r") else {
+        panic!()
+    };
+    let flight = permit.flight().clone();
+    drop(permit);
+    assert!(matches!(
+        flight.started().await,
+        Err(FlightError::Abandoned)
+    ));
+    assert!(matches!(
+        flights.join(&store, "up", &digest, "r"),
+        Role::Leader(_)
+    ));
+}

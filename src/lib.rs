@@ -1,0 +1,71 @@
+//! pullthrough: a pull-through cache for OCI registries.
+//!
+//! # Layout
+//! ```text
+//! client ─► api (axum router, OCI errors) ─► cache (policy) ─► store (disk + sled index)
+//!                                               │
+//!                                               └─► flight (one download per digest) ─► upstream (reqwest, auth)
+//! ```
+//! The dependency rule: `api → cache → {flight, store, upstream}`; `flight`
+//! writes through `store`; `store` never calls `upstream`; `api` never
+//! touches the disk. Names, tags and digests are validated once, at the edge,
+//! into the types of [`reference`].
+//!
+//! - [`config`]: defaults < file < environment < flags, validated before anything binds.
+//! - [`api`]: the distribution-spec pull routes.
+//! - [`cache`]: what to serve from the store and when to ask upstream.
+//! - [`flight`]: one upstream download per digest, tailed by every reader.
+//! - [`store`]: content-addressed files and the index.
+//! - [`upstream`]: registry clients with the token flow.
+#![forbid(unsafe_code)]
+#![warn(missing_docs)]
+
+pub mod api;
+pub mod cache;
+pub mod config;
+pub mod flight;
+pub mod reference;
+pub mod store;
+pub mod upstream;
+
+use std::future::Future;
+
+/// Why the server could not start or stopped with an error.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    /// The store could not be opened.
+    #[error(transparent)]
+    Store(#[from] store::StoreError),
+    /// An upstream client could not be built.
+    #[error(transparent)]
+    Upstream(#[from] upstream::UpstreamError),
+    /// Serving failed.
+    #[error("serving: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// Builds the cache described by `config`.
+pub fn build(config: &config::Config) -> Result<cache::Cache, ServeError> {
+    let store = store::Store::open(&config.storage.path)?;
+    let upstreams = upstream::Upstreams::new(&config.upstreams, &config.default_upstream)?;
+    Ok(cache::Cache::new(store, upstreams, config.cache.tag_ttl))
+}
+
+/// Serves the pull API on `listener` until `shutdown` completes.
+pub async fn run(
+    listener: tokio::net::TcpListener,
+    config: config::Config,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), ServeError> {
+    let cache = build(&config)?;
+    tracing::info!(
+        listen = %listener.local_addr()?,
+        data = %config.storage.path.display(),
+        upstreams = config.upstreams.len(),
+        "pullthrough serving"
+    );
+    axum::serve(listener, api::router(cache))
+        .with_graceful_shutdown(shutdown)
+        .await?;
+    Ok(())
+}

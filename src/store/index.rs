@@ -1,0 +1,126 @@
+//! The metadata index, in sled behind this narrow API so that it can be
+//! swapped (redb is the fallback) without touching callers.
+//!
+//! Keys are `upstream \0 repository \0 tag|digest`; NUL never occurs in a
+//! valid name, so keys cannot collide and a repository's records share a prefix.
+
+use super::StoreError;
+use crate::reference::{Digest, RepoName, Tag};
+use serde::{Deserialize, Serialize};
+use std::path::Path;
+
+/// What a tag pointed to when last checked with upstream.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TagRecord {
+    /// The manifest digest upstream gave for the tag.
+    pub digest: String,
+    /// The manifest's media type.
+    pub media_type: String,
+    /// When upstream last confirmed the mapping, seconds since the Unix epoch.
+    pub fetched_at: u64,
+}
+
+/// What the store knows about a stored manifest besides its bytes.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ManifestRecord {
+    /// The `Content-Type` upstream served it with.
+    pub media_type: String,
+}
+
+/// sled-backed index; cheap to clone (sled handles are `Arc`s).
+#[derive(Clone)]
+pub struct Index {
+    tags: sled::Tree,
+    manifests: sled::Tree,
+    links: sled::Tree,
+}
+
+fn key(upstream: &str, repo: &RepoName, last: &str) -> Vec<u8> {
+    let mut k = Vec::with_capacity(upstream.len() + repo.as_str().len() + last.len() + 2);
+    k.extend_from_slice(upstream.as_bytes());
+    k.push(0);
+    k.extend_from_slice(repo.as_str().as_bytes());
+    k.push(0);
+    k.extend_from_slice(last.as_bytes());
+    k
+}
+
+impl Index {
+    /// Opens or creates the index directory.
+    pub fn open(path: &Path) -> Result<Index, StoreError> {
+        let db = sled::Config::new().path(path).open()?;
+        Ok(Index {
+            tags: db.open_tree("tags")?,
+            manifests: db.open_tree("manifests")?,
+            links: db.open_tree("links")?,
+        })
+    }
+
+    /// The record for a tag, if the cache has seen it.
+    pub fn tag(
+        &self,
+        upstream: &str,
+        repo: &RepoName,
+        tag: &Tag,
+    ) -> Result<Option<TagRecord>, StoreError> {
+        match self.tags.get(key(upstream, repo, tag.as_str()))? {
+            Some(v) => Ok(Some(serde_json::from_slice(&v)?)),
+            None => Ok(None),
+        }
+    }
+
+    /// Records (or refreshes) a tag.
+    pub fn set_tag(
+        &self,
+        upstream: &str,
+        repo: &RepoName,
+        tag: &Tag,
+        record: &TagRecord,
+    ) -> Result<(), StoreError> {
+        self.tags.insert(
+            key(upstream, repo, tag.as_str()),
+            serde_json::to_vec(record)?,
+        )?;
+        Ok(())
+    }
+
+    /// The tags of a repository that the cache knows, sorted.
+    pub fn tags_of(&self, upstream: &str, repo: &RepoName) -> Result<Vec<String>, StoreError> {
+        let prefix = key(upstream, repo, "");
+        let mut out = Vec::new();
+        for item in self.tags.scan_prefix(&prefix) {
+            let (k, _) = item?;
+            out.push(String::from_utf8_lossy(&k[prefix.len()..]).into_owned());
+        }
+        Ok(out)
+    }
+
+    /// The record of a stored manifest.
+    pub fn manifest(&self, digest: &Digest) -> Result<Option<ManifestRecord>, StoreError> {
+        match self.manifests.get(digest.to_string())? {
+            Some(v) => Ok(Some(serde_json::from_slice(&v)?)),
+            None => Ok(None),
+        }
+    }
+
+    /// Records a stored manifest's media type.
+    pub fn set_manifest(&self, digest: &Digest, record: &ManifestRecord) -> Result<(), StoreError> {
+        self.manifests
+            .insert(digest.to_string(), serde_json::to_vec(record)?)?;
+        Ok(())
+    }
+
+    /// Records that upstream confirmed `repo` holds `digest`.
+    pub fn link(&self, upstream: &str, repo: &RepoName, digest: &Digest) -> Result<(), StoreError> {
+        self.links
+            .insert(key(upstream, repo, &digest.to_string()), &[])?;
+        Ok(())
+    }
+
+    /// Whether upstream confirmed `repo` holds `digest`.
+    pub fn is_linked(&self, upstream: &str, repo: &RepoName, digest: &Digest) -> bool {
+        self.links
+            .contains_key(key(upstream, repo, &digest.to_string()))
+            .unwrap_or(false)
+    }
+}

@@ -1,0 +1,341 @@
+//! Upstream registries: one HTTP client each, with the registry auth flow.
+//!
+//! A request goes out with the token cached for its scope, if any. A `401`
+//! carries a `WWW-Authenticate` challenge: `Bearer` sends us to the token
+//! endpoint (anonymously or with the configured credentials) and the token is
+//! cached per scope until it expires, shared by every client; `Basic` makes us
+//! send the credentials from then on. Redirects (Docker Hub sends blobs to a
+//! storage host) are followed by reqwest, which drops `Authorization` when the
+//! host changes, so registry credentials never reach a storage host.
+
+mod auth;
+
+pub use auth::Challenge;
+
+use crate::config::{Credentials, UpstreamConfig};
+use crate::reference::{Digest, RepoName};
+use reqwest::header::{HeaderMap, ACCEPT, AUTHORIZATION, RETRY_AFTER, WWW_AUTHENTICATE};
+use reqwest::{Method, Response, StatusCode, Url};
+use std::fmt;
+use std::time::Duration;
+
+/// How long to wait for a TCP (and TLS) connection.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a response (headers or the next body bytes) may stall.
+const READ_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// What went wrong upstream.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum UpstreamErrorKind {
+    /// 404: upstream does not have it.
+    NotFound,
+    /// 401: upstream refused our credentials (or wants some).
+    Unauthorized,
+    /// 403: upstream denies access.
+    Denied,
+    /// 429: rate limited; `Retry-After` as upstream sent it.
+    TooManyRequests {
+        /// Upstream's `Retry-After`, passed on to clients.
+        retry_after: Option<String>,
+    },
+    /// Any other unexpected status, 5xx included.
+    Status(u16),
+    /// Connecting, TLS, timeouts, a broken body.
+    Transport(String),
+    /// The token endpoint failed.
+    Auth(String),
+    /// Upstream answered something unusable.
+    Invalid(String),
+}
+
+/// An error that came from an upstream registry, naming it.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("upstream {upstream}: {kind}")]
+pub struct UpstreamError {
+    /// The upstream's configured name.
+    pub upstream: String,
+    /// What went wrong.
+    pub kind: UpstreamErrorKind,
+}
+
+impl fmt::Display for UpstreamErrorKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::NotFound => f.write_str("not found"),
+            Self::Unauthorized => f.write_str("authentication failed (401)"),
+            Self::Denied => f.write_str("access denied (403)"),
+            Self::TooManyRequests { .. } => f.write_str("rate limited (429)"),
+            Self::Status(s) => write!(f, "answered HTTP {s}"),
+            Self::Transport(m) => write!(f, "unreachable: {m}"),
+            Self::Auth(m) => write!(f, "token endpoint failed: {m}"),
+            Self::Invalid(m) => write!(f, "invalid answer: {m}"),
+        }
+    }
+}
+
+/// The answer to a tags listing.
+#[derive(Debug, Clone, serde::Deserialize, serde::Serialize)]
+pub struct TagList {
+    /// The repository.
+    pub name: String,
+    /// Its tags (Distribution sends `null` for none).
+    #[serde(default, deserialize_with = "null_as_empty")]
+    pub tags: Vec<String>,
+}
+
+fn null_as_empty<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
+    use serde::Deserialize;
+    Ok(Option::<Vec<String>>::deserialize(d)?.unwrap_or_default())
+}
+
+/// One configured upstream registry.
+pub struct Upstream {
+    name: String,
+    base: Url,
+    library_prefix: bool,
+    client: reqwest::Client,
+    auth: auth::Auth,
+}
+
+impl Upstream {
+    /// Builds the client for one `[[upstreams]]` entry (already validated).
+    pub fn new(config: &UpstreamConfig) -> Result<Upstream, UpstreamError> {
+        let error = |kind| UpstreamError {
+            upstream: config.name.clone(),
+            kind,
+        };
+        let base = Url::parse(&config.url)
+            .map_err(|e| error(UpstreamErrorKind::Invalid(e.to_string())))?;
+        let credentials: Option<Credentials> = config
+            .credentials()
+            .map_err(|e| error(UpstreamErrorKind::Auth(e)))?;
+        let client = reqwest::Client::builder()
+            .user_agent(concat!("pullthrough/", env!("CARGO_PKG_VERSION")))
+            .connect_timeout(CONNECT_TIMEOUT)
+            .read_timeout(READ_TIMEOUT)
+            .build()
+            .map_err(|e| error(UpstreamErrorKind::Transport(e.to_string())))?;
+        Ok(Upstream {
+            name: config.name.clone(),
+            base,
+            library_prefix: config.library_prefix,
+            client,
+            auth: auth::Auth::new(credentials),
+        })
+    }
+
+    /// The configured name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Applies this registry's naming rules (Docker Hub's `library/`).
+    pub fn normalize(&self, repo: RepoName) -> RepoName {
+        if self.library_prefix {
+            repo.with_library_prefix()
+        } else {
+            repo
+        }
+    }
+
+    fn error(&self, kind: UpstreamErrorKind) -> UpstreamError {
+        UpstreamError {
+            upstream: self.name.clone(),
+            kind,
+        }
+    }
+
+    fn url(&self, repo: &RepoName, tail: &str) -> Url {
+        let mut url = self.base.clone();
+        let base_path = url.path().trim_end_matches('/').to_string();
+        url.set_path(&format!("{base_path}/v2/{repo}/{tail}"));
+        url
+    }
+
+    /// `GET`/`HEAD /v2/<repo>/manifests/<reference>`; only a 2xx answer is `Ok`.
+    pub async fn manifest(
+        &self,
+        method: Method,
+        repo: &RepoName,
+        reference: &str,
+        accept: &str,
+    ) -> Result<Response, UpstreamError> {
+        let url = self.url(repo, &format!("manifests/{reference}"));
+        self.send(method, url, repo, Some(accept)).await
+    }
+
+    /// `GET`/`HEAD /v2/<repo>/blobs/<digest>`; only a 2xx answer is `Ok`.
+    pub async fn blob(
+        &self,
+        method: Method,
+        repo: &RepoName,
+        digest: &Digest,
+    ) -> Result<Response, UpstreamError> {
+        let url = self.url(repo, &format!("blobs/{digest}"));
+        self.send(method, url, repo, None).await
+    }
+
+    /// `GET /v2/<repo>/tags/list` with the spec's `n` and `last`.
+    pub async fn tags(
+        &self,
+        repo: &RepoName,
+        n: Option<u32>,
+        last: Option<&str>,
+    ) -> Result<TagList, UpstreamError> {
+        let mut url = self.url(repo, "tags/list");
+        {
+            let mut q = url.query_pairs_mut();
+            if let Some(n) = n {
+                q.append_pair("n", &n.to_string());
+            }
+            if let Some(last) = last {
+                q.append_pair("last", last);
+            }
+        }
+        if url.query() == Some("") {
+            url.set_query(None);
+        }
+        let resp = self.send(Method::GET, url, repo, None).await?;
+        let body = resp
+            .bytes()
+            .await
+            .map_err(|e| self.error(UpstreamErrorKind::Transport(e.to_string())))?;
+        serde_json::from_slice(&body)
+            .map_err(|e| self.error(UpstreamErrorKind::Invalid(format!("tags list: {e}"))))
+    }
+
+    /// Sends a pull-scoped request, answering one auth challenge if upstream asks.
+    async fn send(
+        &self,
+        method: Method,
+        url: Url,
+        repo: &RepoName,
+        accept: Option<&str>,
+    ) -> Result<Response, UpstreamError> {
+        let scope = format!("repository:{repo}:pull");
+        let mut answered_challenge = false;
+        loop {
+            let mut req = self.client.request(method.clone(), url.clone());
+            if let Some(accept) = accept {
+                req = req.header(ACCEPT, accept);
+            }
+            if let Some(value) = self.auth.header_for(&scope) {
+                req = req.header(AUTHORIZATION, value);
+            }
+            let resp = req
+                .send()
+                .await
+                .map_err(|e| self.error(UpstreamErrorKind::Transport(transport_message(&e))))?;
+            if resp.status() == StatusCode::UNAUTHORIZED && !answered_challenge {
+                answered_challenge = true;
+                let challenge = resp
+                    .headers()
+                    .get_all(WWW_AUTHENTICATE)
+                    .iter()
+                    .filter_map(|v| v.to_str().ok())
+                    .find_map(Challenge::parse);
+                let Some(challenge) = challenge else {
+                    return Err(self.error(UpstreamErrorKind::Unauthorized));
+                };
+                self.auth
+                    .answer(&self.client, &challenge, &scope)
+                    .await
+                    .map_err(|kind| self.error(kind))?;
+                continue;
+            }
+            return self.check(resp);
+        }
+    }
+
+    fn check(&self, resp: Response) -> Result<Response, UpstreamError> {
+        let status = resp.status();
+        if status.is_success() {
+            return Ok(resp);
+        }
+        Err(self.error(kind_of(status, resp.headers())))
+    }
+}
+
+/// Maps a failed upstream status to what it means for us.
+pub fn kind_of(status: StatusCode, headers: &HeaderMap) -> UpstreamErrorKind {
+    match status {
+        StatusCode::NOT_FOUND => UpstreamErrorKind::NotFound,
+        StatusCode::UNAUTHORIZED => UpstreamErrorKind::Unauthorized,
+        StatusCode::FORBIDDEN => UpstreamErrorKind::Denied,
+        StatusCode::TOO_MANY_REQUESTS => UpstreamErrorKind::TooManyRequests {
+            retry_after: headers
+                .get(RETRY_AFTER)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_string),
+        },
+        s => UpstreamErrorKind::Status(s.as_u16()),
+    }
+}
+
+/// reqwest's message plus its causes, without the URL's query (which could carry a scope, never a secret, but is noise).
+fn transport_message(e: &reqwest::Error) -> String {
+    let mut msg = if e.is_timeout() {
+        "timed out".to_string()
+    } else if e.is_connect() {
+        "connection failed".to_string()
+    } else {
+        "request failed".to_string()
+    };
+    let mut source = std::error::Error::source(e);
+    while let Some(s) = source {
+        msg.push_str(": ");
+        msg.push_str(&s.to_string());
+        source = s.source();
+    }
+    msg
+}
+
+/// All configured upstreams, and the choice among them for a request.
+pub struct Upstreams {
+    list: Vec<std::sync::Arc<Upstream>>,
+    configs: Vec<UpstreamConfig>,
+    default: usize,
+}
+
+impl Upstreams {
+    /// Builds a client for every configured upstream.
+    pub fn new(configs: &[UpstreamConfig], default: &str) -> Result<Upstreams, UpstreamError> {
+        let list = configs
+            .iter()
+            .map(|c| Upstream::new(c).map(std::sync::Arc::new))
+            .collect::<Result<Vec<_>, _>>()?;
+        let default = configs
+            .iter()
+            .position(|c| c.answers_to(default))
+            .ok_or_else(|| UpstreamError {
+                upstream: default.to_string(),
+                kind: UpstreamErrorKind::Invalid("not configured".into()),
+            })?;
+        Ok(Upstreams {
+            list,
+            configs: configs.to_vec(),
+            default,
+        })
+    }
+
+    /// The upstream answering to `name` (name or alias), if configured.
+    pub fn find(&self, name: &str) -> Option<&std::sync::Arc<Upstream>> {
+        self.configs
+            .iter()
+            .position(|c| c.answers_to(name))
+            .map(|i| &self.list[i])
+    }
+
+    /// The upstream used when a request names none.
+    pub fn default_upstream(&self) -> &std::sync::Arc<Upstream> {
+        &self.list[self.default]
+    }
+
+    /// Every upstream, in configuration order.
+    pub fn all(&self) -> &[std::sync::Arc<Upstream>] {
+        &self.list
+    }
+}
+
+#[cfg(test)]
+mod tests;
