@@ -18,6 +18,7 @@ use axum::routing::{any, get};
 use axum::Router;
 use std::collections::HashMap;
 use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
+use tower_http::set_header::SetResponseHeaderLayer;
 use tower_http::trace::{DefaultMakeSpan, DefaultOnResponse, TraceLayer};
 use tracing::Level;
 
@@ -34,6 +35,11 @@ pub fn router(cache: Cache) -> Router {
         .route("/v2/{*rest}", any(v2))
         .route("/", get(home))
         .with_state(cache)
+        // Every answer, errors included, says which API it speaks.
+        .layer(SetResponseHeaderLayer::overriding(
+            API_VERSION,
+            HeaderValue::from_static("registry/2.0"),
+        ))
         .layer(PropagateRequestIdLayer::new(REQUEST_ID))
         .layer(
             TraceLayer::new_for_http()
@@ -79,7 +85,7 @@ async fn v2(
     }
     let head = method == Method::HEAD;
     let (up, repo) = route::select_upstream(cache.upstreams(), &route.name, query.get("ns"))?;
-    let mut response = match route.endpoint {
+    let response = match route.endpoint {
         Endpoint::Manifest(reference) => {
             let accept = Accept::parse(
                 headers
@@ -166,9 +172,6 @@ async fn v2(
             r
         }
     };
-    response
-        .headers_mut()
-        .insert(API_VERSION, HeaderValue::from_static("registry/2.0"));
     Ok(response)
 }
 
