@@ -98,6 +98,9 @@ async fn v2(
                 Reference::Digest(digest) => cache.manifest_by_digest(up, &repo, digest).await,
             }
             .map_err(ApiError::cache(Target::Manifest))?;
+            if !head {
+                cache.prefetch(up, &repo, &manifest);
+            }
             let mut r = if head {
                 Body::empty().into_response()
             } else {

@@ -11,9 +11,11 @@
 //!   gives it for its own `Accept`, never a type it did not ask for.
 
 mod accept;
+mod prefetch;
 
 pub use accept::{Accept, MANIFEST_TYPES};
 
+use crate::config::CacheConfig;
 use crate::flight::{self, BodyStream, FlightError, Flights, Role};
 use crate::reference::{Digest, RepoName, Tag};
 use crate::store::{ManifestRecord, Store, StoreError, TagRecord};
@@ -22,8 +24,9 @@ use bytes::Bytes;
 use futures_util::TryStreamExt;
 use reqwest::header::{CONTENT_LENGTH, CONTENT_TYPE};
 use reqwest::Method;
+use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{SystemTime, UNIX_EPOCH};
 
 /// Largest manifest accepted from upstream; Distribution's own default limit.
 pub const MAX_MANIFEST_BYTES: u64 = 4 * 1024 * 1024;
@@ -42,6 +45,9 @@ pub enum CacheError {
     /// The store failed.
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// One failure shared by every request that joined the same revalidation.
+    #[error(transparent)]
+    Shared(Arc<CacheError>),
 }
 
 impl CacheError {
@@ -50,6 +56,7 @@ impl CacheError {
         match self {
             CacheError::Upstream(e) => Some(&e.kind),
             CacheError::Flight(FlightError::Upstream(e)) => Some(&e.kind),
+            CacheError::Shared(e) => e.upstream_kind(),
             _ => None,
         }
     }
@@ -60,6 +67,7 @@ impl CacheError {
             CacheError::Upstream(_) => true,
             CacheError::Flight(e) => e.is_upstream(),
             CacheError::Store(_) => false,
+            CacheError::Shared(e) => e.is_upstream(),
         }
     }
 
@@ -157,11 +165,18 @@ pub struct Cache {
     inner: Arc<Inner>,
 }
 
+/// Requests revalidating the same tag share one upstream `HEAD`.
+type Revalidation = Arc<tokio::sync::OnceCell<Result<TagRecord, Arc<CacheError>>>>;
+
 struct Inner {
     store: Store,
     flights: Flights,
+    /// A std mutex: held only to find or insert a tag's revalidation, never across an await.
+    revalidations: std::sync::Mutex<HashMap<(String, RepoName, Tag), Revalidation>>,
     upstreams: Upstreams,
-    tag_ttl: Duration,
+    policy: CacheConfig,
+    /// Bounds prefetch downloads per upstream (by configured name).
+    prefetch_slots: HashMap<String, Arc<tokio::sync::Semaphore>>,
 }
 
 fn now_secs() -> u64 {
@@ -192,14 +207,24 @@ fn header_str(
 }
 
 impl Cache {
-    /// A cache over `store`, fetching from `upstreams`.
-    pub fn new(store: Store, upstreams: Upstreams, tag_ttl: Duration) -> Cache {
+    /// A cache over `store`, fetching from `upstreams`, with the `[cache]` policy.
+    pub fn new(store: Store, upstreams: Upstreams, policy: CacheConfig) -> Cache {
+        let prefetch_slots = upstreams
+            .all()
+            .iter()
+            .map(|u| {
+                let slots = tokio::sync::Semaphore::new(policy.prefetch_concurrency);
+                (u.name().to_string(), Arc::new(slots))
+            })
+            .collect();
         Cache {
             inner: Arc::new(Inner {
                 store,
                 flights: Flights::default(),
+                revalidations: Default::default(),
                 upstreams,
-                tag_ttl,
+                policy,
+                prefetch_slots,
             }),
         }
     }
@@ -230,7 +255,12 @@ impl Cache {
         let index = self.inner.store.index();
         let record = index.tag(up.name(), repo, tag)?;
         let record = match record {
-            Some(r) if now_secs().saturating_sub(r.fetched_at) < self.inner.tag_ttl.as_secs() => r,
+            Some(r)
+                if now_secs().saturating_sub(r.fetched_at)
+                    < self.inner.policy.tag_ttl.as_secs() =>
+            {
+                r
+            }
             old => match self.revalidate(up, repo, tag).await {
                 Ok(r) => r,
                 Err(e) if e.is_upstream() && !e.is_not_found() => {
@@ -263,8 +293,42 @@ impl Cache {
         })
     }
 
-    /// Asks upstream what `tag` points to now (a `HEAD`) and records it.
+    /// Revalidates `tag`, joining a revalidation already under way. If the request
+    /// leading it goes away, the next waiter takes over (`OnceCell` semantics).
     async fn revalidate(
+        &self,
+        up: &Upstream,
+        repo: &RepoName,
+        tag: &Tag,
+    ) -> Result<TagRecord, CacheError> {
+        let key = (up.name().to_string(), repo.clone(), tag.clone());
+        let cell = {
+            let mut map = self
+                .inner
+                .revalidations
+                .lock()
+                .expect("revalidations poisoned");
+            map.entry(key.clone()).or_default().clone()
+        };
+        let result = cell
+            .get_or_init(|| async { self.head_tag(up, repo, tag).await.map_err(Arc::new) })
+            .await
+            .clone();
+        {
+            let mut map = self
+                .inner
+                .revalidations
+                .lock()
+                .expect("revalidations poisoned");
+            if map.get(&key).is_some_and(|c| Arc::ptr_eq(c, &cell)) {
+                map.remove(&key);
+            }
+        }
+        result.map_err(CacheError::Shared)
+    }
+
+    /// Asks upstream what `tag` points to now (a `HEAD`) and records it.
+    async fn head_tag(
         &self,
         up: &Upstream,
         repo: &RepoName,
@@ -495,21 +559,7 @@ impl Cache {
                     permit.already_stored(size);
                     return Ok(self.stored_blob(digest, range, head)?);
                 }
-                let flight = permit.flight().clone();
-                let resp = match up.blob(Method::GET, repo, digest).await {
-                    Ok(resp) => resp,
-                    Err(e) => {
-                        permit.fail(e.clone().into());
-                        return Err(e.into());
-                    }
-                };
-                let size = header_len(&resp);
-                let (name, repo) = (up.name().to_string(), repo.clone());
-                let linked = digest.clone();
-                let on_commit: flight::OnCommit =
-                    Box::new(move |store: &Store, _| store.link(&name, &repo, &linked));
-                self.spawn_download(up, permit, size, resp, on_commit);
-                flight
+                self.lead_blob(up, repo, permit).await?
             }
         };
         let size = flight.started().await?;
@@ -525,6 +575,87 @@ impl Cache {
             range: served,
             body: Some(flight.read(start, end)),
         }))
+    }
+
+    /// Starts the download a leader's permit is for; the flight to read from.
+    async fn lead_blob(
+        &self,
+        up: &Upstream,
+        repo: &RepoName,
+        permit: flight::Permit,
+    ) -> Result<Arc<flight::Flight>, CacheError> {
+        let flight = permit.flight().clone();
+        let digest = flight.digest().clone();
+        let resp = match up.blob(Method::GET, repo, &digest).await {
+            Ok(resp) => resp,
+            Err(e) => {
+                permit.fail(e.clone().into());
+                return Err(e.into());
+            }
+        };
+        let size = header_len(&resp);
+        let (name, repo) = (up.name().to_string(), repo.clone());
+        let on_commit: flight::OnCommit =
+            Box::new(move |store: &Store, _| store.link(&name, &repo, &digest));
+        self.spawn_download(up, permit, size, resp, on_commit);
+        Ok(flight)
+    }
+
+    /// Starts background downloads of what a client that got `manifest` asks for next.
+    pub fn prefetch(&self, up: &Arc<Upstream>, repo: &RepoName, manifest: &Manifest) {
+        if !self.inner.policy.prefetch {
+            return;
+        }
+        let Some(slots) = self.inner.prefetch_slots.get(up.name()) else {
+            return;
+        };
+        for target in prefetch::targets(&manifest.bytes, &self.inner.policy.prefetch_platforms) {
+            let (prefetch::Target::Blob(digest) | prefetch::Target::Manifest(digest)) = &target;
+            if self.inner.store.blob_size(digest).is_some() {
+                continue;
+            }
+            let (this, up, repo, slots) = (self.clone(), up.clone(), repo.clone(), slots.clone());
+            tokio::spawn(async move {
+                let Ok(_slot) = slots.acquire_owned().await else {
+                    return;
+                };
+                let result = match &target {
+                    prefetch::Target::Manifest(d) => {
+                        this.manifest_by_digest(&up, &repo, d).await.map(|_| ())
+                    }
+                    prefetch::Target::Blob(d) => this.warm_blob(&up, &repo, d).await,
+                };
+                if let Err(e) = result {
+                    tracing::debug!(upstream = up.name(), %repo, ?target, error = %e, "prefetch failed");
+                }
+            });
+        }
+    }
+
+    /// Downloads a blob into the store unless it is there or on its way.
+    async fn warm_blob(
+        &self,
+        up: &Upstream,
+        repo: &RepoName,
+        digest: &Digest,
+    ) -> Result<(), CacheError> {
+        let store = &self.inner.store;
+        match self
+            .inner
+            .flights
+            .join(store, up.name(), digest, repo.as_str())
+        {
+            Role::Reader(_) => Ok(()),
+            Role::Leader(permit) => {
+                if let Some(size) = store.blob_size(digest) {
+                    permit.already_stored(size);
+                    return Ok(());
+                }
+                // Hold the slot until the download ends, so the bound means something.
+                self.lead_blob(up, repo, permit).await?.finished().await?;
+                Ok(())
+            }
+        }
     }
 
     /// A reader joining a flight started by another repository confirms its own repository first.

@@ -75,6 +75,27 @@ pub struct CacheConfig {
     /// How long a tag is served without asking upstream.
     #[serde(with = "human_duration")]
     pub tag_ttl: Duration,
+    /// Whether serving an image manifest starts downloading its config and layers.
+    #[serde(default = "yes")]
+    pub prefetch: bool,
+    /// Platforms (`os/arch[/variant]`) whose manifests are prefetched when an index is served.
+    #[serde(default = "default_platforms")]
+    pub prefetch_platforms: Vec<String>,
+    /// Prefetch downloads running at once, per upstream.
+    #[serde(default = "default_prefetch_concurrency")]
+    pub prefetch_concurrency: usize,
+}
+
+fn yes() -> bool {
+    true
+}
+
+fn default_platforms() -> Vec<String> {
+    vec!["linux/amd64".into(), "linux/arm64".into()]
+}
+
+fn default_prefetch_concurrency() -> usize {
+    4
 }
 
 /// One `[[upstreams]]` entry.
@@ -239,6 +260,18 @@ impl Config {
                 "default_upstream",
                 format!("{:?} names no configured upstream", self.default_upstream),
             ));
+        }
+        for (i, p) in self.cache.prefetch_platforms.iter().enumerate() {
+            let parts: Vec<&str> = p.split('/').collect();
+            if !(2..=3).contains(&parts.len()) || parts.iter().any(|x| x.is_empty()) {
+                return Err(invalid(
+                    format!("cache.prefetch_platforms[{i}]"),
+                    format!("{p:?} is not os/arch or os/arch/variant"),
+                ));
+            }
+        }
+        if self.cache.prefetch_concurrency == 0 {
+            return Err(invalid("cache.prefetch_concurrency", "must be at least 1"));
         }
         if self.cache.tag_ttl > Duration::from_secs(365 * 24 * 3600) {
             return Err(invalid("cache.tag_ttl", "must be at most a year"));

@@ -48,7 +48,7 @@ pub enum ServeError {
 pub fn build(config: &config::Config) -> Result<cache::Cache, ServeError> {
     let store = store::Store::open(&config.storage.path)?;
     let upstreams = upstream::Upstreams::new(&config.upstreams, &config.default_upstream)?;
-    Ok(cache::Cache::new(store, upstreams, config.cache.tag_ttl))
+    Ok(cache::Cache::new(store, upstreams, config.cache.clone()))
 }
 
 /// Serves the pull API on `listener` until `shutdown` completes.

@@ -219,8 +219,9 @@ impl Upstream {
             if let Some(accept) = accept {
                 req = req.header(ACCEPT, accept);
             }
-            if let Some(value) = self.auth.header_for(&scope) {
-                req = req.header(AUTHORIZATION, value);
+            let sent = self.auth.header_for(&scope);
+            if let Some(value) = &sent {
+                req = req.header(AUTHORIZATION, value.clone());
             }
             let resp = req
                 .send()
@@ -238,7 +239,7 @@ impl Upstream {
                     return Err(self.error(UpstreamErrorKind::Unauthorized));
                 };
                 self.auth
-                    .answer(&self.client, &challenge, &scope)
+                    .answer(&self.client, &challenge, &scope, sent.as_ref())
                     .await
                     .map_err(|kind| self.error(kind))?;
                 continue;

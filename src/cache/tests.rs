@@ -61,3 +61,55 @@ fn accept_negotiation() {
     assert_eq!(docker.header_value(), format!("{V2}, {LIST}"));
     assert_eq!(none.header_value(), MANIFEST_TYPES);
 }
+
+#[test]
+fn prefetch_targets_of_an_image_are_its_config_and_layers() {
+    let d = |c: char| format!("sha256:{}", c.to_string().repeat(64));
+    let image = serde_json::json!({
+        "schemaVersion": 2,
+        "config": {"mediaType": "x", "digest": d('a'), "size": 1},
+        "layers": [
+            {"mediaType": "x", "digest": d('b'), "size": 1},
+            {"mediaType": "x", "digest": d('c'), "size": 1, "urls": ["https://foreign.example/layer"]},
+            {"mediaType": "x", "digest": "not-a-digest", "size": 1}
+        ]
+    });
+    let t = prefetch::targets(image.to_string().as_bytes(), &[]);
+    assert_eq!(
+        t,
+        vec![
+            prefetch::Target::Blob(d('a').parse().unwrap()),
+            prefetch::Target::Blob(d('b').parse().unwrap())
+        ],
+        "foreign layers and bad digests are skipped"
+    );
+}
+
+#[test]
+fn prefetch_targets_of_an_index_are_the_wanted_platforms() {
+    let d = |c: char| format!("sha256:{}", c.to_string().repeat(64));
+    let index = serde_json::json!({
+        "schemaVersion": 2,
+        "manifests": [
+            {"digest": d('a'), "platform": {"os": "linux", "architecture": "amd64"}},
+            {"digest": d('b'), "platform": {"os": "linux", "architecture": "arm64", "variant": "v8"}},
+            {"digest": d('c'), "platform": {"os": "linux", "architecture": "arm", "variant": "v7"}},
+            {"digest": d('e'), "platform": {"os": "windows", "architecture": "amd64"}},
+            {"digest": d('f')}
+        ]
+    });
+    let platforms = vec![
+        "linux/amd64".to_string(),
+        "linux/arm64".into(),
+        "linux/arm/v6".into(),
+    ];
+    let t = prefetch::targets(index.to_string().as_bytes(), &platforms);
+    assert_eq!(
+        t,
+        vec![
+            prefetch::Target::Manifest(d('a').parse().unwrap()),
+            prefetch::Target::Manifest(d('b').parse().unwrap())
+        ]
+    );
+    assert!(prefetch::targets(b"not json", &platforms).is_empty());
+}

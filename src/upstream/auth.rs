@@ -106,15 +106,18 @@ impl Auth {
     }
 
     /// Answers a challenge so that the next request for `scope` is authorised.
+    /// `sent` is what the challenged request carried, so that a token another
+    /// client fetched meanwhile is used rather than fetched again.
     pub async fn answer(
         &self,
         client: &reqwest::Client,
         challenge: &Challenge,
         scope: &str,
+        sent: Option<&HeaderValue>,
     ) -> Result<(), UpstreamErrorKind> {
         match challenge {
             Challenge::Basic => {
-                if self.basic.is_none() {
+                if self.basic.is_none() || sent.is_some() && sent == self.basic.as_ref() {
                     return Err(UpstreamErrorKind::Unauthorized);
                 }
                 self.use_basic
@@ -126,17 +129,11 @@ impl Auth {
                 service,
                 scope: asked,
             } => {
-                let started = Instant::now();
                 let _one_at_a_time = self.fetching.lock().await;
-                // Another client may have fetched it while we waited.
-                let fresh = {
-                    let tokens = self.tokens.lock().expect("token cache poisoned");
-                    tokens.get(scope).is_some_and(|t| {
-                        t.expires > Instant::now() && t.expires > started + EXPIRY_MARGIN
-                    })
-                };
-                if fresh {
-                    return Ok(());
+                if let Some(current) = self.header_for(scope) {
+                    if Some(&current) != sent {
+                        return Ok(()); // fetched by another client while we waited
+                    }
                 }
                 let scope_to_ask = asked.as_deref().unwrap_or(scope);
                 let token = self
