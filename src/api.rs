@@ -156,22 +156,27 @@ async fn v2(
         Endpoint::Tags => {
             let n = query.get("n").and_then(|n| n.parse().ok());
             let last = query.get("last").map(String::as_str);
-            let list = cache
+            let page = cache
                 .tags(up, &repo, n, last)
                 .await
                 .map_err(ApiError::cache(Target::Tags))?;
-            let body = serde_json::to_vec(&list).unwrap_or_default();
+            let body = serde_json::to_vec(&page.list).unwrap_or_default();
             let mut r = if head {
                 Body::empty().into_response()
             } else {
                 Body::from(body.clone()).into_response()
             };
-            insert(r.headers_mut(), header::CONTENT_TYPE, "application/json");
-            insert(
-                r.headers_mut(),
-                header::CONTENT_LENGTH,
-                &body.len().to_string(),
-            );
+            let h = r.headers_mut();
+            insert(h, header::CONTENT_TYPE, "application/json");
+            insert(h, header::CONTENT_LENGTH, &body.len().to_string());
+            if let (true, Some(n), Some(last)) = (page.more, n, page.list.tags.last()) {
+                // distribution-spec "Listing Tags": the next page, named as the client named it.
+                let mut next = format!("/v2/{}/tags/list?n={n}&last={last}", route.name);
+                if let Some(ns) = query.get("ns") {
+                    next = format!("{next}&ns={ns}");
+                }
+                insert(h, header::LINK, &format!("<{next}>; rel=\"next\""));
+            }
             r
         }
     };

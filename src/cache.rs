@@ -699,33 +699,63 @@ impl Cache {
     }
 
     /// A repository's tags from upstream; if upstream fails, the tags the cache knows.
+    /// Sorted and paged here (`n`, `last`), since not every upstream pages
+    /// (Distribution 2.8 ignores both).
     pub async fn tags(
         &self,
         up: &Upstream,
         repo: &RepoName,
         n: Option<u32>,
         last: Option<&str>,
-    ) -> Result<TagList, CacheError> {
-        match up.tags(repo, n, last).await {
-            Ok(list) => Ok(list),
+    ) -> Result<TagPage, CacheError> {
+        let tags = match up.tags(repo, n, last).await {
+            Ok(list) => list.tags,
             Err(e) if e.kind != UpstreamErrorKind::NotFound => {
-                let mut tags = self.inner.store.index().tags_of(up.name(), repo)?;
+                let tags = self.inner.store.index().tags_of(up.name(), repo)?;
                 if tags.is_empty() {
                     return Err(e.into());
                 }
                 tracing::warn!(upstream = up.name(), %repo, error = %e, "serving known tags");
-                if let Some(last) = last {
-                    tags.retain(|t| t.as_str() > last);
-                }
-                if let Some(n) = n {
-                    tags.truncate(n as usize);
-                }
-                Ok(TagList {
-                    name: repo.to_string(),
-                    tags,
-                })
+                tags
             }
-            Err(e) => Err(e.into()),
+            Err(e) => return Err(e.into()),
+        };
+        Ok(TagPage::new(repo, tags, n, last))
+    }
+}
+
+/// One page of a tag listing.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TagPage {
+    /// The listing, as the spec's JSON body.
+    pub list: TagList,
+    /// Whether tags follow this page (the API then sends a `Link` to the next).
+    pub more: bool,
+}
+
+impl TagPage {
+    /// Sorts `tags`, keeps those after `last`, and at most `n` of them.
+    pub fn new(
+        repo: &RepoName,
+        mut tags: Vec<String>,
+        n: Option<u32>,
+        last: Option<&str>,
+    ) -> TagPage {
+        tags.sort();
+        tags.dedup();
+        if let Some(last) = last {
+            tags.retain(|t| t.as_str() > last);
+        }
+        let more = n.is_some_and(|n| tags.len() > n as usize);
+        if let Some(n) = n {
+            tags.truncate(n as usize);
+        }
+        TagPage {
+            list: TagList {
+                name: repo.to_string(),
+                tags,
+            },
+            more,
         }
     }
 }

@@ -74,7 +74,7 @@ impl fmt::Display for UpstreamErrorKind {
 }
 
 /// The answer to a tags listing.
-#[derive(Debug, Clone, serde::Deserialize, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
 pub struct TagList {
     /// The repository.
     pub name: String,

@@ -113,3 +113,26 @@ fn prefetch_targets_of_an_index_are_the_wanted_platforms() {
     );
     assert!(prefetch::targets(b"not json", &platforms).is_empty());
 }
+
+#[test]
+fn tag_pages_are_sorted_and_cut_after_last() {
+    let repo: RepoName = "library/x".parse().unwrap();
+    let tags = || vec!["c".to_string(), "a".into(), "b".into(), "a".into()];
+    let page = TagPage::new(&repo, tags(), None, None);
+    assert_eq!(page.list.tags, ["a", "b", "c"]);
+    assert!(!page.more);
+    let page = TagPage::new(&repo, tags(), Some(2), None);
+    assert_eq!(
+        (page.list.tags.as_slice(), page.more),
+        (&["a".to_string(), "b".into()][..], true)
+    );
+    let page = TagPage::new(&repo, tags(), Some(2), Some("a"));
+    assert_eq!(
+        (page.list.tags.as_slice(), page.more),
+        (&["b".to_string(), "c".into()][..], false)
+    );
+    assert!(TagPage::new(&repo, tags(), Some(0), None)
+        .list
+        .tags
+        .is_empty());
+}

@@ -18,6 +18,7 @@ struct UpstreamEntry {
 pub struct CacheBuilder {
     upstreams: Vec<UpstreamEntry>,
     tag_ttl: String,
+    prefetch: bool,
 }
 
 /// A running cache; stopped (and its data removed) on drop.
@@ -34,6 +35,7 @@ impl Cache {
         CacheBuilder {
             upstreams: Vec::new(),
             tag_ttl: "5m".into(),
+            prefetch: true,
         }
     }
 
@@ -80,14 +82,19 @@ impl CacheBuilder {
 
     /// The last upstream added follows Docker Hub's `library/` rule.
     pub fn library_prefix(mut self) -> Self {
-        self.upstreams.last_mut().expect("an upstream first").library_prefix = true;
+        self.upstreams
+            .last_mut()
+            .expect("an upstream first")
+            .library_prefix = true;
         self
     }
 
     /// The last upstream added authenticates with these credentials.
     pub fn credentials(mut self, user: &str, password: &str) -> Self {
-        self.upstreams.last_mut().expect("an upstream first").credentials =
-            Some((user.into(), password.into()));
+        self.upstreams
+            .last_mut()
+            .expect("an upstream first")
+            .credentials = Some((user.into(), password.into()));
         self
     }
 
@@ -97,15 +104,22 @@ impl CacheBuilder {
         self
     }
 
+    /// Whether serving a manifest prefetches its blobs (on by default, as in production).
+    pub fn prefetch(mut self, on: bool) -> Self {
+        self.prefetch = on;
+        self
+    }
+
     /// Starts the cache and waits until it answers `/v2/`.
     pub async fn start(self) -> Cache {
         let dir = tempfile::tempdir().expect("temp dir");
         let data = dir.path().join("data");
         let mut toml = format!(
-            "default_upstream = {:?}\n[server]\nlisten = \"127.0.0.1:0\"\n[storage]\npath = {:?}\n[cache]\ntag_ttl = {:?}\n",
+            "default_upstream = {:?}\n[server]\nlisten = \"127.0.0.1:0\"\n[storage]\npath = {:?}\n[cache]\ntag_ttl = {:?}\nprefetch = {}\n",
             self.upstreams.first().expect("at least one upstream").name,
             data,
-            self.tag_ttl
+            self.tag_ttl,
+            self.prefetch
         );
         for (i, up) in self.upstreams.iter().enumerate() {
             toml += &format!(
@@ -146,8 +160,102 @@ impl CacheBuilder {
                     return cache;
                 }
             }
-            assert!(std::time::Instant::now() < deadline, "cache did not come up");
+            assert!(
+                std::time::Instant::now() < deadline,
+                "cache did not come up"
+            );
             tokio::time::sleep(std::time::Duration::from_millis(20)).await;
         }
+    }
+}
+
+/// The usual test rig: a seeded Distribution upstream behind the nginx front
+/// (whose access log counts what reached upstream), and the cache over the front
+/// as upstream `docker.io` with Docker Hub's `library/` rule.
+pub struct Rig {
+    /// The real upstream registry.
+    pub upstream: super::registry::Registry,
+    /// nginx between the cache and the upstream.
+    pub front: super::front::Front,
+    /// The cache under test.
+    pub cache: Cache,
+}
+
+impl Rig {
+    /// Starts the upstream, the front and a default cache over them.
+    pub async fn start(upstream: super::registry::RegistryBuilder) -> Rig {
+        Rig::start_with(upstream, |c| c).await
+    }
+
+    /// Like [`Rig::start`], with the cache builder adjusted by `configure`
+    /// (which gets it with the `docker.io` upstream already added).
+    pub async fn start_with(
+        upstream: super::registry::RegistryBuilder,
+        configure: impl FnOnce(CacheBuilder) -> CacheBuilder,
+    ) -> Rig {
+        let upstream = upstream.start().await;
+        let front = super::front::Front::start(upstream.addr()).await;
+        let builder = Cache::builder()
+            .upstream("docker.io", &front.url())
+            .library_prefix();
+        let cache = configure(builder).start().await;
+        Rig {
+            upstream,
+            front,
+            cache,
+        }
+    }
+
+    /// A raw HTTP request to the cache: `GET`/`HEAD` and so on, with `headers`.
+    pub async fn request(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        headers: &[(&str, &str)],
+    ) -> super::images::Fetched {
+        raw_request(&format!("{}{path}", self.cache.url()), method, headers).await
+    }
+
+    /// The same request straight to the upstream, for comparison.
+    pub async fn request_upstream(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        headers: &[(&str, &str)],
+    ) -> super::images::Fetched {
+        raw_request(&format!("{}{path}", self.upstream.url()), method, headers).await
+    }
+
+    /// Waits until background work (prefetches) stops reaching upstream, then
+    /// forgets the front's log, so that what follows is counted from zero.
+    pub async fn quiesce(&self) {
+        self.front
+            .settled(std::time::Duration::from_millis(300))
+            .await;
+        self.front.clear();
+    }
+}
+
+/// One unauthenticated request; the body is read whole.
+pub async fn raw_request(
+    url: &str,
+    method: reqwest::Method,
+    headers: &[(&str, &str)],
+) -> super::images::Fetched {
+    let mut req = reqwest::Client::new().request(method, url);
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
+    let resp = req.send().await.unwrap_or_else(|e| panic!("{url}: {e}"));
+    let status = resp.status().as_u16();
+    let headers = resp.headers().clone();
+    let body = resp
+        .bytes()
+        .await
+        .unwrap_or_else(|e| panic!("{url}: body: {e}"));
+    super::images::Fetched {
+        status,
+        headers,
+        body,
     }
 }

@@ -188,7 +188,9 @@ impl Containerd {
                 }
                 let mut command = Command::new("ctr");
                 command.arg("-a").arg(&socket).arg("version");
-                let done = super::run_async(command, Duration::from_secs(5)).await.ok()?;
+                let done = super::run_async(command, Duration::from_secs(5))
+                    .await
+                    .ok()?;
                 done.success.then_some(true)
             }
         })

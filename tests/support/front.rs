@@ -5,9 +5,9 @@
 //! front.set_mode(Mode::Status503).await;
 //! assert_eq!(front.count("GET", "/blobs/"), 1);
 //! ```
-//! nginx runs with its own prefix (pid, logs, temp paths), `daemon off;` and
-//! `master_process off;`, so the single process we start *is* nginx: killing its PID on drop
-//! leaves no orphaned workers, and `nginx -s reload` (SIGHUP) still re-reads the config.
+//! nginx runs with its own prefix (pid, logs, temp paths) and `daemon off;`, so the process we
+//! start is the master; on drop it and its workers are killed by PID. (`master_process off;`
+//! would make that simpler, but a single-process nginx stops answering after a reload.)
 
 use std::fs::File;
 use std::net::SocketAddr;
@@ -36,7 +36,8 @@ pub enum Mode {
     },
     /// Answer every request with this status and an OCI error body.
     Status(u16),
-    /// Raw nginx directives placed in the proxied `location` (escape hatch for later faults).
+    /// Raw nginx directives placed in the proxied `location` (escape hatch for later faults);
+    /// they must say `proxy_buffering on|off;` themselves.
     Directives(String),
 }
 
@@ -47,14 +48,16 @@ impl Mode {
                 "default_type application/json;\nreturn {status} '{{\"errors\":[{{\"code\":\"{code}\",\"message\":\"injected by the test front\"}}]}}';\n"
             )
         };
+        // Bodies stream unbuffered, except in Slow: nginx applies `limit_rate` only to
+        // buffered proxying (with `proxy_buffering off` it is silently ignored).
         match self {
-            Mode::Normal => String::new(),
+            Mode::Normal => "proxy_buffering off;\n".to_string(),
             Mode::Status503 => error(503, "UNAVAILABLE"),
             Mode::TooMany { retry_after } => format!(
                 "add_header Retry-After {retry_after} always;\n{}",
                 error(429, "TOOMANYREQUESTS")
             ),
-            Mode::Slow { rate } => format!("limit_rate {rate};\n"),
+            Mode::Slow { rate } => format!("proxy_buffering on;\nlimit_rate {rate};\n"),
             Mode::Status(status) => error(*status, "UNKNOWN"),
             Mode::Directives(raw) => format!("{raw}\n"),
         }
@@ -88,16 +91,29 @@ impl Front {
     /// Starts nginx on a free 127.0.0.1 port, proxying everything to `upstream`.
     pub async fn start(upstream: SocketAddr) -> Front {
         let dir = super::temp_dir("front");
-        for sub in ["logs", "tmp/body", "tmp/proxy", "tmp/fastcgi", "tmp/uwsgi", "tmp/scgi"] {
+        for sub in [
+            "logs",
+            "tmp/body",
+            "tmp/proxy",
+            "tmp/fastcgi",
+            "tmp/uwsgi",
+            "tmp/scgi",
+        ] {
             std::fs::create_dir_all(dir.path().join(sub)).expect("create nginx dirs");
         }
         let mut failures = Vec::new();
         for attempt in 0..5 {
             let port = super::free_port();
             let instance = super::instance_id();
-            write_file(&dir.path().join("mode.conf"), "");
-            write_file(&dir.path().join("ready.conf"), &ready_directive(&instance, 0));
-            write_file(&conf_path(dir.path()), &nginx_conf(dir.path(), port, upstream));
+            write_file(&dir.path().join("mode.conf"), &Mode::Normal.directives());
+            write_file(
+                &dir.path().join("ready.conf"),
+                &ready_directive(&instance, 0),
+            );
+            write_file(
+                &conf_path(dir.path()),
+                &nginx_conf(dir.path(), port, upstream),
+            );
             let test = super::run(nginx(dir.path()).arg("-t"), super::READY_TIMEOUT)
                 .unwrap_or_else(|e| panic!("{e} (apt-get install nginx)"));
             assert!(
@@ -113,16 +129,19 @@ impl Front {
                     .stdout(Stdio::from(out.try_clone().unwrap()))
                     .stderr(Stdio::from(out)),
             )
-            .unwrap_or_else(|e| panic!("{e}"));
-            let mut front = match wait_generation(&mut child, port, &instance, 0).await {
-                Ok(()) => Front {
-                    child,
-                    addr: super::localhost(port),
-                    upstream,
-                    generation: 0,
-                    instance,
-                    dir,
-                },
+            .unwrap_or_else(|e| panic!("{e}"))
+            .with_descendants();
+            match wait_generation(&mut child, port, &instance, 0).await {
+                Ok(()) => {
+                    return Front {
+                        child,
+                        addr: super::localhost(port),
+                        upstream,
+                        generation: 0,
+                        instance,
+                        dir,
+                    }
+                }
                 Err(e) => {
                     drop(child);
                     let tail = format!(
@@ -132,16 +151,16 @@ impl Front {
                     );
                     let collided = tail.contains("Address already in use");
                     failures.push(format!("attempt {attempt} on port {port}: {e}\n{tail}"));
-                    if collided {
-                        continue;
+                    if !collided {
+                        break;
                     }
-                    break;
                 }
-            };
-            front.generation = 0;
-            return front;
+            }
         }
-        panic!("nginx front did not become ready:\n{}", failures.join("\n---\n"));
+        panic!(
+            "nginx front did not become ready:\n{}",
+            failures.join("\n---\n")
+        );
     }
 
     /// `http://127.0.0.1:PORT`.
@@ -194,6 +213,25 @@ impl Front {
                 self.error_log_tail()
             );
         }
+        // A pooled keep-alive connection to an old worker would still see the old mode. Old
+        // workers retitle themselves "shutting down" right before closing their idle
+        // connections (in-flight requests finish under the old mode, as in production).
+        let master = self.child.pid();
+        let drained = super::wait_until("old nginx workers to drain", super::READY_TIMEOUT, || {
+            let serving = super::descendants(master)
+                .into_iter()
+                .filter(|pid| {
+                    std::fs::read(format!("/proc/{pid}/cmdline"))
+                        .map(|c| !String::from_utf8_lossy(&c).contains("shutting down"))
+                        .unwrap_or(false)
+                })
+                .count();
+            async move { (serving <= 1).then_some(()) }
+        })
+        .await;
+        if let Err(e) = drained {
+            panic!("{e}\n{}", self.error_log_tail());
+        }
     }
 
     /// Every request logged so far, oldest first (complete lines only).
@@ -231,19 +269,23 @@ impl Front {
     /// Waits until the access log has not grown for `quiet`, then returns it.
     pub async fn settled(&self, quiet: Duration) -> Vec<LogLine> {
         let mut last = (usize::MAX, Instant::now());
-        let found = super::wait_until("the front's access log to settle", super::READY_TIMEOUT, || {
-            let lines = self.requests();
-            let now = Instant::now();
-            let done = if lines.len() != last.0 {
-                last = (lines.len(), now);
-                None
-            } else if now.duration_since(last.1) >= quiet {
-                Some(lines)
-            } else {
-                None
-            };
-            async move { done }
-        })
+        let found = super::wait_until(
+            "the front's access log to settle",
+            super::READY_TIMEOUT,
+            || {
+                let lines = self.requests();
+                let now = Instant::now();
+                let done = if lines.len() != last.0 {
+                    last = (lines.len(), now);
+                    None
+                } else if now.duration_since(last.1) >= quiet {
+                    Some(lines)
+                } else {
+                    None
+                };
+                async move { done }
+            },
+        )
         .await;
         found.unwrap_or_else(|e| panic!("{e}"))
     }
@@ -357,7 +399,6 @@ fn nginx_conf(dir: &Path, port: u16, upstream: SocketAddr) -> String {
     format!(
         r#"{user}
 daemon off;
-master_process off;
 worker_processes 1;
 pid {d}/logs/nginx.pid;
 error_log {d}/logs/error.log warn;
@@ -400,7 +441,6 @@ http {{
             proxy_http_version 1.1;
             proxy_set_header Connection "";
             proxy_set_header Host $http_host;
-            proxy_buffering off;
             proxy_request_buffering off;
             proxy_redirect off;
             proxy_read_timeout 300s;

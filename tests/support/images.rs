@@ -588,7 +588,12 @@ impl RegistryClient {
         self.push_manifest(repo, tag, image).await
     }
 
-    async fn push_manifest(&self, repo: &str, reference: &str, image: &Image) -> Result<(), String> {
+    async fn push_manifest(
+        &self,
+        repo: &str,
+        reference: &str,
+        image: &Image,
+    ) -> Result<(), String> {
         for blob in image.own_blobs() {
             self.push_blob(repo, blob).await?;
         }
@@ -779,7 +784,11 @@ pub fn parse_challenge_params(text: &str) -> HashMap<String, String> {
         let Some((key, after)) = rest.split_once('=') else {
             break;
         };
-        let key = key.trim().trim_start_matches(',').trim().to_ascii_lowercase();
+        let key = key
+            .trim()
+            .trim_start_matches(',')
+            .trim()
+            .to_ascii_lowercase();
         let (value, tail) = if let Some(quoted) = after.strip_prefix('"') {
             let end = quoted.find('"').unwrap_or(quoted.len());
             (&quoted[..end], quoted.get(end + 1..).unwrap_or(""))

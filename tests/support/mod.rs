@@ -5,6 +5,7 @@
 //! - [`token`]: an in-process Docker-Hub-style token server that signs RS256 JWTs.
 //! - [`images`]: deterministic synthetic images (OCI, Docker, index, list, big) and an HTTP pusher.
 //! - [`front`]: nginx in front of an upstream, counting requests and injecting faults.
+//! - [`cache`]: the cache under test, in-process on a free port.
 //! - [`clients`]: skopeo, containerd (`ctr`) and podman, each in its own temp dirs.
 //!
 //! Everything binds 127.0.0.1 on OS-assigned ports, waits for readiness with a deadline
@@ -12,13 +13,14 @@
 //! cleanup happens even when a test panics.
 #![allow(dead_code)]
 
+pub mod cache;
 pub mod clients;
 pub mod front;
 pub mod images;
 pub mod registry;
 pub mod token;
 
-use std::collections::HashSet;
+use std::collections::BTreeSet;
 use std::future::Future;
 use std::io::Read;
 use std::net::{SocketAddr, TcpListener};
@@ -63,7 +65,7 @@ impl Credentials {
 }
 
 /// Ports handed out by [`free_port`] in this process, never handed out twice.
-static HANDED_OUT: Mutex<HashSet<u16>> = Mutex::new(HashSet::new());
+static HANDED_OUT: Mutex<BTreeSet<u16>> = Mutex::new(BTreeSet::new());
 
 /// A free 127.0.0.1 port for an external process: bound to port 0, then released.
 ///
@@ -154,6 +156,7 @@ pub fn wait_until_blocking<T>(
 pub struct Child {
     name: String,
     child: std::process::Child,
+    with_descendants: bool,
 }
 
 impl Child {
@@ -166,7 +169,14 @@ impl Child {
         Ok(Child {
             name: name.to_string(),
             child,
+            with_descendants: false,
         })
+    }
+
+    /// Also kill the processes it forked (e.g. nginx workers), by their PIDs, when killed.
+    pub fn with_descendants(mut self) -> Self {
+        self.with_descendants = true;
+        self
     }
 
     /// The PID of the process.
@@ -183,10 +193,24 @@ impl Child {
         }
     }
 
-    /// Kills and reaps the process now (idempotent).
+    /// Kills and reaps the process now (idempotent); see [`Child::with_descendants`].
     pub fn kill(&mut self) {
         if self.child.try_wait().ok().flatten().is_none() {
+            // Collected before the kill: once orphaned, they are no longer our descendants.
+            let descendants = if self.with_descendants {
+                descendants(self.child.id())
+            } else {
+                Vec::new()
+            };
             let _ = self.child.kill();
+            if !descendants.is_empty() {
+                let _ = Command::new("kill")
+                    .arg("-KILL")
+                    .args(descendants.iter().map(u32::to_string))
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::null())
+                    .status();
+            }
         }
         let _ = self.child.wait();
     }
@@ -196,6 +220,47 @@ impl Drop for Child {
     fn drop(&mut self) {
         self.kill();
     }
+}
+
+/// PIDs of every live descendant of `pid`, from the parent PIDs in `/proc/*/stat`.
+pub fn descendants(pid: u32) -> Vec<u32> {
+    let mut parent_of = Vec::new();
+    if let Ok(entries) = std::fs::read_dir("/proc") {
+        for entry in entries.flatten() {
+            let Some(child) = entry
+                .file_name()
+                .to_str()
+                .and_then(|n| n.parse::<u32>().ok())
+            else {
+                continue;
+            };
+            let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
+                continue;
+            };
+            // `pid (comm) state ppid …`; comm may contain spaces, so split after the last ')'.
+            let ppid = stat
+                .rsplit_once(')')
+                .and_then(|(_, rest)| rest.split_whitespace().nth(1))
+                .and_then(|p| p.parse::<u32>().ok());
+            if let Some(ppid) = ppid {
+                parent_of.push((child, ppid));
+            }
+        }
+    }
+    let mut found = vec![pid];
+    let mut i = 0;
+    while i < found.len() {
+        let parent = found[i];
+        found.extend(
+            parent_of
+                .iter()
+                .filter(|(_, p)| *p == parent)
+                .map(|(c, _)| *c),
+        );
+        i += 1;
+    }
+    found.remove(0);
+    found
 }
 
 /// What a finished command left behind.

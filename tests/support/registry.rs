@@ -166,8 +166,11 @@ impl RegistryBuilder {
             let port = super::free_port();
             let instance = super::instance_id();
             let config = dir.path().join("config.yml");
-            std::fs::write(&config, config_yaml(dir.path(), port, &instance, &auth_yaml))
-                .expect("write registry config");
+            std::fs::write(
+                &config,
+                config_yaml(dir.path(), port, &instance, &auth_yaml),
+            )
+            .expect("write registry config");
             let log = dir.path().join(format!("registry-{attempt}.log"));
             let out = File::create(&log).expect("create registry log");
             let mut child = Child::spawn(

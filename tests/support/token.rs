@@ -104,7 +104,9 @@ fn key_material() -> &'static KeyMaterial {
         let cert = dir.path().join("cert.pem");
         let done = super::run(
             std::process::Command::new("openssl")
-                .args(["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "3"])
+                .args([
+                    "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "3",
+                ])
                 .args(["-subj", "/CN=pullthrough-test-token-issuer"])
                 .arg("-keyout")
                 .arg(&key)
@@ -236,9 +238,7 @@ impl TokenServerBuilder {
         // Storms hit the token server too: a large backlog keeps connects from being dropped.
         let socket = tokio::net::TcpSocket::new_v4().expect("socket");
         socket.set_reuseaddr(true).expect("SO_REUSEADDR");
-        socket
-            .bind(super::localhost(0))
-            .expect("bind token server");
+        socket.bind(super::localhost(0)).expect("bind token server");
         let listener = socket.listen(1024).expect("listen");
         let addr = listener.local_addr().expect("local addr");
         let app = Router::new()
@@ -260,11 +260,7 @@ impl TokenServerBuilder {
 impl Shared {
     fn sign(&self, subject: &str, scopes: &[String]) -> String {
         let now = unix_now();
-        let jti = format!(
-            "{}-{}",
-            now,
-            self.next_jti.fetch_add(1, Ordering::Relaxed)
-        );
+        let jti = format!("{}-{}", now, self.next_jti.fetch_add(1, Ordering::Relaxed));
         let claims = Claims {
             iss: ISSUER.to_string(),
             aud: SERVICE.to_string(),
@@ -280,7 +276,12 @@ impl Shared {
         jsonwebtoken::encode(&header, &claims, &self.key).expect("sign JWT")
     }
 
-    fn answer(&self, method: Method, scopes: Vec<String>, presented: Option<Credentials>) -> Response {
+    fn answer(
+        &self,
+        method: Method,
+        scopes: Vec<String>,
+        presented: Option<Credentials>,
+    ) -> Response {
         self.requests.fetch_add(1, Ordering::SeqCst);
         let granted = match (&self.credentials, &presented) {
             (None, _) => true,
@@ -297,7 +298,10 @@ impl Shared {
             return (
                 StatusCode::UNAUTHORIZED,
                 [
-                    (header::WWW_AUTHENTICATE, "Basic realm=\"pullthrough-test-token\""),
+                    (
+                        header::WWW_AUTHENTICATE,
+                        "Basic realm=\"pullthrough-test-token\"",
+                    ),
                     (header::CONTENT_TYPE, "application/json"),
                 ],
                 r#"{"details":"incorrect username or password"}"#,
@@ -338,7 +342,11 @@ async fn token_get(
 }
 
 /// The OAuth2 password grant that containerd tries first when it has credentials.
-async fn token_post(State(shared): State<Arc<Shared>>, headers: HeaderMap, body: String) -> Response {
+async fn token_post(
+    State(shared): State<Arc<Shared>>,
+    headers: HeaderMap,
+    body: String,
+) -> Response {
     let pairs = parse_form(&body);
     let field = |name: &str| {
         pairs
