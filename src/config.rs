@@ -17,8 +17,9 @@ pub const DEFAULT_CONFIG: &str = include_str!("../config/pullthrough.toml");
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     /// The TOML or environment could not be read or has a wrong type or unknown key.
+    /// (Not a `source`: figment's message already is the whole story.)
     #[error("configuration: {0}")]
-    Parse(#[from] Box<figment::Error>),
+    Parse(Box<figment::Error>),
     /// A value parsed but makes no sense.
     #[error("configuration: {key}: {problem}")]
     Invalid {
@@ -27,6 +28,12 @@ pub enum ConfigError {
         /// What is wrong with it.
         problem: String,
     },
+}
+
+impl From<Box<figment::Error>> for ConfigError {
+    fn from(e: Box<figment::Error>) -> ConfigError {
+        ConfigError::Parse(e)
+    }
 }
 
 fn invalid(key: impl Into<String>, problem: impl Into<String>) -> ConfigError {

@@ -259,3 +259,97 @@ pub async fn raw_request(
         body,
     }
 }
+
+/// The real `pullthrough` binary, run as a user runs it.
+pub struct CacheProcess {
+    child: super::Child,
+    addr: SocketAddr,
+    log: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+/// `pullthrough ARGS…` run to completion with `env`: for commands and for refused configurations.
+pub fn run_binary(args: &[&str], env: &[(&str, &str)]) -> super::Finished {
+    let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_pullthrough"));
+    command.args(args);
+    for (k, v) in env {
+        command.env(k, v);
+    }
+    super::run(&mut command, std::time::Duration::from_secs(30))
+        .unwrap_or_else(|e| panic!("pullthrough {args:?}: {e}"))
+}
+
+impl CacheProcess {
+    /// Starts `pullthrough serve --config FILE --listen 127.0.0.1:0 --log-format json`
+    /// with `config` as FILE and `env` added, and waits for its "serving" log line.
+    pub async fn start(config: &str, env: &[(&str, &str)]) -> CacheProcess {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let file = dir.path().join("pullthrough.toml");
+        std::fs::write(&file, config).expect("write config");
+        let log = dir.path().join("pullthrough.log");
+        let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_pullthrough"));
+        command
+            .args(["--log-format", "json", "serve", "--listen", "127.0.0.1:0"])
+            .arg("--config")
+            .arg(&file)
+            .arg("--data")
+            .arg(dir.path().join("data"))
+            .stdout(std::process::Stdio::null())
+            .stderr(std::fs::File::create(&log).expect("log file"));
+        for (k, v) in env {
+            command.env(k, v);
+        }
+        let mut child = super::Child::spawn("pullthrough", &mut command).expect("spawn");
+        let found = super::wait_until(
+            "pullthrough to log its address",
+            super::READY_TIMEOUT,
+            || {
+                let text = std::fs::read_to_string(&log).unwrap_or_default();
+                let addr = text.lines().find_map(|l| {
+                    let v: serde_json::Value = serde_json::from_str(l).ok()?;
+                    v["fields"]["listen"].as_str()?.parse::<SocketAddr>().ok()
+                });
+                let exited = if addr.is_none() { child.exited() } else { None };
+                async move { addr.or_else(|| exited.map(|e| panic!("{e}"))) }
+            },
+        )
+        .await;
+        let addr = found.unwrap_or_else(|e| {
+            panic!("{e}\n{}", std::fs::read_to_string(&log).unwrap_or_default())
+        });
+        CacheProcess {
+            child,
+            addr,
+            log,
+            _dir: dir,
+        }
+    }
+
+    /// `http://127.0.0.1:PORT`
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Everything it logged so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Stops it with SIGTERM, as an orchestrator would, and waits for the exit.
+    pub fn terminate(&mut self) -> String {
+        let _ = std::process::Command::new("kill")
+            .args(["-TERM", &self.child.pid().to_string()])
+            .status();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        loop {
+            if let Some(exit) = self.child.exited() {
+                return exit;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "no exit after SIGTERM"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+    }
+}
