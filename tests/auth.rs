@@ -150,3 +150,48 @@ async fn containerd_pulls_from_a_token_upstream_with_no_credentials_of_its_own()
         .await
         .unwrap_or_else(|e| panic!("{e}\n{}", node.log_tail()));
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn blob_redirects_are_followed_without_the_registry_credentials() {
+    let img = Image::single(35);
+    let layer = img.layers()[0].clone();
+    let mut rig = Rig::start_with(
+        Registry::token().image("library/redir", "1", img.clone()),
+        |c| c.prefetch(false),
+    )
+    .await;
+    let storage =
+        support::storage::StorageHost::start([(layer.digest.clone(), layer.bytes.clone())]).await;
+    // Like Docker Hub: blob GETs are sent to another host, everything else is the registry's.
+    rig.front
+        .set_mode(support::front::Mode::Directives(format!(
+            "proxy_buffering off;\nif ($request_uri ~ \"/blobs/sha256:\") {{ return 307 {}$request_uri; }}",
+            storage.url()
+        )))
+        .await;
+    // The manifest makes the cache hold a token for the repository first.
+    let m = rig
+        .request(Method::GET, "/v2/library/redir/manifests/1", &[ALL])
+        .await;
+    assert_eq!(m.status, 200);
+    let b = rig
+        .request(
+            Method::GET,
+            &format!("/v2/library/redir/blobs/{}", layer.digest),
+            &[],
+        )
+        .await;
+    assert_eq!(b.status, 200);
+    assert_eq!(b.body, layer.bytes);
+    let seen = storage.authorizations();
+    assert_eq!(
+        seen,
+        vec![None],
+        "the storage host got no Authorization header"
+    );
+    assert_eq!(
+        rig.front.count("GET", &layer.digest),
+        1,
+        "the registry was asked first"
+    );
+}

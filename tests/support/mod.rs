@@ -4,6 +4,7 @@
 //! - [`registry`]: a CNCF Distribution upstream (anonymous, Basic or Bearer auth), seeded with images.
 //! - [`token`]: an in-process Docker-Hub-style token server that signs RS256 JWTs.
 //! - [`images`]: deterministic synthetic images (OCI, Docker, index, list, big) and an HTTP pusher.
+//! - [`storage`]: a blob storage host that registries redirect to, recording `Authorization`.
 //! - [`front`]: nginx in front of an upstream, counting requests and injecting faults.
 //! - [`cache`]: the cache under test, in-process on a free port.
 //! - [`clients`]: skopeo, containerd (`ctr`) and podman, each in its own temp dirs.
@@ -18,6 +19,7 @@ pub mod clients;
 pub mod front;
 pub mod images;
 pub mod registry;
+pub mod storage;
 pub mod token;
 
 use std::collections::BTreeSet;
