@@ -19,7 +19,7 @@ use crate::config::CacheConfig;
 use crate::flight::{self, BodyStream, FlightError, Flights, Role};
 use crate::reference::{Digest, RepoName, Tag};
 use crate::store::{ManifestRecord, Store, StoreError, TagRecord};
-use crate::upstream::{TagList, Upstream, UpstreamError, UpstreamErrorKind, Upstreams};
+use crate::upstream::{Answer, TagList, Upstream, UpstreamError, UpstreamErrorKind, Upstreams};
 use bytes::Bytes;
 use futures_util::TryStreamExt;
 use reqwest::header::{CONTENT_LENGTH, CONTENT_TYPE};
@@ -186,7 +186,7 @@ fn now_secs() -> u64 {
         .unwrap_or(0)
 }
 
-fn header_len(resp: &reqwest::Response) -> Option<u64> {
+fn header_len(resp: &Answer) -> Option<u64> {
     resp.headers()
         .get(CONTENT_LENGTH)?
         .to_str()
@@ -195,10 +195,7 @@ fn header_len(resp: &reqwest::Response) -> Option<u64> {
         .ok()
 }
 
-fn header_str(
-    resp: &reqwest::Response,
-    name: impl reqwest::header::AsHeaderName,
-) -> Option<String> {
+fn header_str(resp: &Answer, name: impl reqwest::header::AsHeaderName) -> Option<String> {
     resp.headers()
         .get(name)?
         .to_str()
@@ -502,7 +499,7 @@ impl Cache {
         up: &Upstream,
         permit: flight::Permit,
         size: Option<u64>,
-        resp: reqwest::Response,
+        resp: Answer,
         on_commit: flight::OnCommit,
     ) {
         let name = up.name().to_string();
@@ -512,12 +509,18 @@ impl Cache {
                 kind: UpstreamErrorKind::Transport(format!("body: {e}")),
             })
         });
+        let when_unwanted = if self.inner.policy.finish_abandoned {
+            flight::WhenUnwanted::Finish
+        } else {
+            flight::WhenUnwanted::Stop
+        };
         tokio::spawn(flight::download(
             permit,
             self.inner.store.clone(),
             size,
             body,
             on_commit,
+            when_unwanted,
         ));
     }
 
@@ -768,10 +771,7 @@ fn up_error(up: &Upstream, kind: UpstreamErrorKind) -> UpstreamError {
 }
 
 /// Reads a manifest body whole, refusing anything over [`MAX_MANIFEST_BYTES`].
-async fn read_manifest_body(
-    up: &Upstream,
-    resp: reqwest::Response,
-) -> Result<Bytes, UpstreamError> {
+async fn read_manifest_body(up: &Upstream, resp: Answer) -> Result<Bytes, UpstreamError> {
     if header_len(&resp).is_some_and(|s| s > MAX_MANIFEST_BYTES) {
         return Err(up_error(
             up,

@@ -91,6 +91,9 @@ pub struct CacheConfig {
     /// Prefetch downloads running at once, per upstream.
     #[serde(default = "default_prefetch_concurrency")]
     pub prefetch_concurrency: usize,
+    /// Whether a download goes on when every client reading it has gone, so the next pull is a hit.
+    #[serde(default = "yes")]
+    pub finish_abandoned: bool,
 }
 
 fn yes() -> bool {
@@ -128,6 +131,27 @@ pub struct UpstreamConfig {
     /// Environment variable holding the password.
     #[serde(default)]
     pub password_env: Option<String>,
+    /// Requests to this upstream in progress at once (a download holds one until its body ends).
+    #[serde(default = "default_max_connections")]
+    pub max_connections: usize,
+    /// How long to wait for a connection (TCP and TLS).
+    #[serde(default = "default_connect_timeout", with = "human_duration")]
+    pub connect_timeout: Duration,
+    /// How long an answer may stall (headers, or the next body bytes) before it is failed.
+    #[serde(default = "default_idle_timeout", with = "human_duration")]
+    pub idle_timeout: Duration,
+}
+
+fn default_max_connections() -> usize {
+    64
+}
+
+fn default_connect_timeout() -> Duration {
+    Duration::from_secs(10)
+}
+
+fn default_idle_timeout() -> Duration {
+    Duration::from_secs(30)
 }
 
 impl fmt::Debug for UpstreamConfig {
@@ -141,6 +165,9 @@ impl fmt::Debug for UpstreamConfig {
             .field("username", &self.username.as_ref().map(|_| "<set>"))
             .field("password_file", &self.password_file)
             .field("password_env", &self.password_env)
+            .field("max_connections", &self.max_connections)
+            .field("connect_timeout", &self.connect_timeout)
+            .field("idle_timeout", &self.idle_timeout)
             .finish()
     }
 }
@@ -261,6 +288,17 @@ impl Config {
                 return Err(invalid(key("username"), "a password needs a username"));
             }
             up.credentials().map_err(|p| invalid(key("password"), p))?;
+            if up.max_connections == 0 {
+                return Err(invalid(key("max_connections"), "must be at least 1"));
+            }
+            for (name, d) in [
+                ("connect_timeout", up.connect_timeout),
+                ("idle_timeout", up.idle_timeout),
+            ] {
+                if d.is_zero() {
+                    return Err(invalid(key(name), "must be more than zero"));
+                }
+            }
         }
         if self.find_upstream(&self.default_upstream).is_none() {
             return Err(invalid(

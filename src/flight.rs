@@ -19,15 +19,47 @@ use std::collections::HashMap;
 use std::fs::File;
 use std::io::{self, Read, Seek, SeekFrom, Write};
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use tokio::sync::{mpsc, watch};
 
-/// Bytes a reader reads from disk at a time; 512 KiB matched nginx's sendfile here
-/// (FIELD-NOTES, "Load and measurement"), while memory per reader stays at
-/// `READ_CHUNK * (BODY_QUEUE + 1)`.
+/// Largest read from disk: 512 KiB matched nginx's sendfile here (FIELD-NOTES,
+/// "Load and measurement"); smaller reads cost throughput.
 pub const READ_CHUNK: usize = 512 * 1024;
+/// Smallest read, however many readers there are.
+const MIN_READ_CHUNK: usize = 32 * 1024;
 /// Chunks queued between a reader's disk thread and its HTTP body.
 const BODY_QUEUE: usize = 2;
+/// Bytes all readers together may hold in their queues. Each reader holds at
+/// most `chunk * (BODY_QUEUE + 1)`, and the chunk shrinks as readers multiply, so
+/// a storm of clients stays inside a fixed memory budget.
+pub const READ_BUDGET: usize = 24 * 1024 * 1024;
+
+/// Readers streaming right now, process-wide: the memory budget is the process's.
+static ACTIVE_READERS: AtomicUsize = AtomicUsize::new(0);
+
+/// Counts a reader for as long as it lives.
+struct ReaderSlot;
+
+impl ReaderSlot {
+    fn take() -> ReaderSlot {
+        ACTIVE_READERS.fetch_add(1, Ordering::Relaxed);
+        ReaderSlot
+    }
+
+    /// How much to read next, given how many readers share the budget.
+    fn chunk(&self) -> usize {
+        let readers = ACTIVE_READERS.load(Ordering::Relaxed).max(1);
+        (READ_BUDGET / (readers * (BODY_QUEUE + 1))).clamp(MIN_READ_CHUNK, READ_CHUNK)
+    }
+}
+
+impl Drop for ReaderSlot {
+    fn drop(&mut self) {
+        ACTIVE_READERS.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
 /// Chunks queued between the upstream body and the writer thread.
 const WRITE_QUEUE: usize = 16;
 
@@ -59,12 +91,18 @@ pub enum FlightError {
     /// The download task ended without an outcome (it panicked).
     #[error("download abandoned")]
     Abandoned,
+    /// Every client reading it went away and the policy is not to finish such downloads.
+    #[error("every client left before the download finished")]
+    Unwanted,
 }
 
 impl FlightError {
     /// Whether upstream caused it (as opposed to our disk).
     pub fn is_upstream(&self) -> bool {
-        !matches!(self, FlightError::Store(_) | FlightError::Abandoned)
+        !matches!(
+            self,
+            FlightError::Store(_) | FlightError::Abandoned | FlightError::Unwanted
+        )
     }
 }
 
@@ -108,6 +146,9 @@ pub struct Flight {
     tmp: PathBuf,
     done_path: PathBuf,
     state: watch::Sender<State>,
+    /// Clients reading it now, and whether any ever did (prefetches have none).
+    readers: AtomicUsize,
+    had_reader: std::sync::atomic::AtomicBool,
 }
 
 impl Flight {
@@ -157,12 +198,20 @@ impl Flight {
     pub fn read(self: Arc<Self>, start: u64, end: Option<u64>) -> BodyStream {
         let (tx, rx) = mpsc::channel(BODY_QUEUE);
         let handle = tokio::runtime::Handle::current();
+        self.readers.fetch_add(1, Ordering::SeqCst);
+        self.had_reader.store(true, Ordering::SeqCst);
         tokio::task::spawn_blocking(move || {
             if let Err(e) = self.pump(&handle, start, end, &tx) {
                 let _ = tx.blocking_send(Err(e));
             }
+            self.readers.fetch_sub(1, Ordering::SeqCst);
         });
         receiver_stream(rx)
+    }
+
+    /// Whether clients read it and every one of them has gone.
+    fn unwanted(&self) -> bool {
+        self.had_reader.load(Ordering::SeqCst) && self.readers.load(Ordering::SeqCst) == 0
     }
 
     /// Opens the bytes: the temporary file while downloading, else the final one.
@@ -191,6 +240,7 @@ impl Flight {
         end: Option<u64>,
         tx: &mpsc::Sender<io::Result<Bytes>>,
     ) -> io::Result<()> {
+        let slot = ReaderSlot::take();
         let mut file = self.open(handle)?;
         file.seek(SeekFrom::Start(start))?;
         let mut pos = start;
@@ -204,7 +254,7 @@ impl Flight {
             };
             let limit = end.map_or(readable, |e| e.min(readable));
             if pos < limit {
-                let want = ((limit - pos) as usize).min(READ_CHUNK);
+                let want = ((limit - pos) as usize).min(slot.chunk());
                 let mut buf = vec![0; want];
                 file.read_exact(&mut buf)?;
                 pos += want as u64;
@@ -216,8 +266,18 @@ impl Flight {
             if end.is_some_and(|e| pos >= e) || complete.is_some_and(|size| pos >= size) {
                 return Ok(());
             }
-            if handle.block_on(rx.changed()).is_err() {
-                return Err(io::Error::other("flight vanished"));
+            // Wait for more bytes, or notice at once that the client hung up, so
+            // the flight knows how many readers it really has.
+            let hung_up = handle.block_on(async {
+                tokio::select! {
+                    changed = rx.changed() => changed.map(|_| false),
+                    _ = tx.closed() => Ok(true),
+                }
+            });
+            match hung_up {
+                Ok(false) => {}
+                Ok(true) => return Ok(()),
+                Err(_) => return Err(io::Error::other("flight vanished")),
             }
         }
     }
@@ -237,11 +297,12 @@ pub fn read_file(file: File, start: u64, end: u64) -> BodyStream {
     let (tx, rx) = mpsc::channel(BODY_QUEUE);
     tokio::task::spawn_blocking(move || {
         let result = (|| -> io::Result<()> {
+            let slot = ReaderSlot::take();
             let mut file = file;
             file.seek(SeekFrom::Start(start))?;
             let mut pos = start;
             while pos < end {
-                let want = ((end - pos) as usize).min(READ_CHUNK);
+                let want = ((end - pos) as usize).min(slot.chunk());
                 let mut buf = vec![0; want];
                 file.read_exact(&mut buf)?;
                 pos += want as u64;
@@ -290,6 +351,8 @@ impl Flights {
             tmp: store.tmp_path(digest),
             done_path: store.blob_path(digest),
             state: watch::channel(State::Starting).0,
+            readers: AtomicUsize::new(0),
+            had_reader: false.into(),
         });
         map.insert(key.clone(), flight.clone());
         Role::Leader(Permit {
@@ -360,6 +423,15 @@ impl Drop for Permit {
 /// to record what the index needs (a manifest's media type, a repository link).
 pub type OnCommit = Box<dyn FnOnce(&Store, u64) -> Result<(), StoreError> + Send>;
 
+/// What a download does when every client reading it has gone.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WhenUnwanted {
+    /// Finish it, so the next pull is a hit.
+    Finish,
+    /// Stop it and keep nothing.
+    Stop,
+}
+
 /// Runs a flight's download to its end: `body` is upstream's response body,
 /// `size` what upstream announced. Spawn it: it must outlive every client.
 pub async fn download<S, E>(
@@ -368,6 +440,7 @@ pub async fn download<S, E>(
     size: Option<u64>,
     body: S,
     on_commit: OnCommit,
+    when_unwanted: WhenUnwanted,
 ) where
     S: Stream<Item = Result<Bytes, E>> + Send,
     E: Into<FlightError>,
@@ -378,6 +451,10 @@ pub async fn download<S, E>(
     let mut body = std::pin::pin!(body);
     let mut upstream_error = None;
     while let Some(chunk) = body.next().await {
+        if when_unwanted == WhenUnwanted::Stop && permit.flight.unwanted() {
+            upstream_error = Some(FlightError::Unwanted);
+            break;
+        }
         match chunk {
             Ok(bytes) => {
                 // A full queue means the disk is slower than the network: wait on a

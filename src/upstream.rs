@@ -17,12 +17,8 @@ use crate::reference::{Digest, RepoName};
 use reqwest::header::{HeaderMap, ACCEPT, AUTHORIZATION, RETRY_AFTER, WWW_AUTHENTICATE};
 use reqwest::{Method, Response, StatusCode, Url};
 use std::fmt;
-use std::time::Duration;
-
-/// How long to wait for a TCP (and TLS) connection.
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
-/// How long a response (headers or the next body bytes) may stall.
-const READ_TIMEOUT: Duration = Duration::from_secs(60);
+use std::sync::Arc;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 /// What went wrong upstream.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -95,6 +91,45 @@ pub struct Upstream {
     library_prefix: bool,
     client: reqwest::Client,
     auth: auth::Auth,
+    /// One permit per request in progress, held until its body ends.
+    slots: Arc<Semaphore>,
+}
+
+/// A successful upstream answer, holding one of the upstream's connection slots
+/// until it (or its body stream) is dropped.
+pub struct Answer {
+    response: Response,
+    slot: OwnedSemaphorePermit,
+}
+
+impl std::ops::Deref for Answer {
+    type Target = Response;
+
+    fn deref(&self) -> &Response {
+        &self.response
+    }
+}
+
+impl Answer {
+    /// The whole body.
+    pub async fn bytes(self) -> reqwest::Result<bytes::Bytes> {
+        let Answer { response, slot } = self;
+        let body = response.bytes().await;
+        drop(slot);
+        body
+    }
+
+    /// The body as it arrives; the slot is released when the stream is dropped.
+    pub fn bytes_stream(
+        self,
+    ) -> impl futures_util::Stream<Item = reqwest::Result<bytes::Bytes>> + Send {
+        use futures_util::StreamExt;
+        let Answer { response, slot } = self;
+        response.bytes_stream().map(move |chunk| {
+            let _held = &slot;
+            chunk
+        })
+    }
 }
 
 impl Upstream {
@@ -111,8 +146,8 @@ impl Upstream {
             .map_err(|e| error(UpstreamErrorKind::Auth(e)))?;
         let client = reqwest::Client::builder()
             .user_agent(concat!("pullthrough/", env!("CARGO_PKG_VERSION")))
-            .connect_timeout(CONNECT_TIMEOUT)
-            .read_timeout(READ_TIMEOUT)
+            .connect_timeout(config.connect_timeout)
+            .read_timeout(config.idle_timeout)
             .build()
             .map_err(|e| error(UpstreamErrorKind::Transport(e.to_string())))?;
         Ok(Upstream {
@@ -121,6 +156,7 @@ impl Upstream {
             library_prefix: config.library_prefix,
             client,
             auth: auth::Auth::new(credentials),
+            slots: Arc::new(Semaphore::new(config.max_connections)),
         })
     }
 
@@ -159,7 +195,7 @@ impl Upstream {
         repo: &RepoName,
         reference: &str,
         accept: &str,
-    ) -> Result<Response, UpstreamError> {
+    ) -> Result<Answer, UpstreamError> {
         let url = self.url(repo, &format!("manifests/{reference}"));
         self.send(method, url, repo, Some(accept)).await
     }
@@ -170,7 +206,7 @@ impl Upstream {
         method: Method,
         repo: &RepoName,
         digest: &Digest,
-    ) -> Result<Response, UpstreamError> {
+    ) -> Result<Answer, UpstreamError> {
         let url = self.url(repo, &format!("blobs/{digest}"));
         self.send(method, url, repo, None).await
     }
@@ -211,10 +247,16 @@ impl Upstream {
         url: Url,
         repo: &RepoName,
         accept: Option<&str>,
-    ) -> Result<Response, UpstreamError> {
+    ) -> Result<Answer, UpstreamError> {
         let scope = format!("repository:{repo}:pull");
         let mut answered_challenge = false;
         loop {
+            let slot = self
+                .slots
+                .clone()
+                .acquire_owned()
+                .await
+                .expect("the semaphore is never closed");
             let mut req = self.client.request(method.clone(), url.clone());
             if let Some(accept) = accept {
                 req = req.header(ACCEPT, accept);
@@ -244,16 +286,15 @@ impl Upstream {
                     .map_err(|kind| self.error(kind))?;
                 continue;
             }
-            return self.check(resp);
+            let status = resp.status();
+            if !status.is_success() {
+                return Err(self.error(kind_of(status, resp.headers())));
+            }
+            return Ok(Answer {
+                response: resp,
+                slot,
+            });
         }
-    }
-
-    fn check(&self, resp: Response) -> Result<Response, UpstreamError> {
-        let status = resp.status();
-        if status.is_success() {
-            return Ok(resp);
-        }
-        Err(self.error(kind_of(status, resp.headers())))
     }
 }
 

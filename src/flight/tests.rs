@@ -46,6 +46,7 @@ async fn readers_get_every_byte_and_the_blob_is_committed() {
         size,
         stream,
         Box::new(linked),
+        WhenUnwanted::Finish,
     ));
     assert_eq!(collect(first).await.unwrap(), body);
     assert_eq!(collect(ranged).await.unwrap(), &body[10..20]);
@@ -69,7 +70,15 @@ async fn a_digest_mismatch_fails_every_reader_and_keeps_nothing() {
     let reader = permit.flight().clone();
     let body_stream = reader.clone().read(0, None);
     let stream = futures_util::stream::iter(chunks(&body, 4096));
-    download(permit, store.clone(), None, stream, Box::new(linked)).await;
+    download(
+        permit,
+        store.clone(),
+        None,
+        stream,
+        Box::new(linked),
+        WhenUnwanted::Finish,
+    )
+    .await;
     let got = collect(body_stream).await;
     assert!(got.is_err(), "the body must end with an error, not cleanly");
     assert!(matches!(
@@ -102,6 +111,7 @@ async fn a_short_body_fails_even_with_the_right_prefix() {
         Some(100_000),
         futures_util::stream::iter(parts),
         Box::new(linked),
+        WhenUnwanted::Finish,
     )
     .await;
     assert!(flight.finished().await.is_err());
@@ -128,4 +138,73 @@ async fn a_dropped_permit_fails_the_flight_and_frees_the_digest() {
         flights.join(&store, "up", &digest, "r"),
         Role::Leader(_)
     ));
+}
+
+/// An upstream body that yields `chunks` pieces, each after `gate` lets it through.
+fn gated(
+    data: Vec<u8>,
+    gate: tokio::sync::mpsc::Receiver<()>,
+) -> impl Stream<Item = Result<Bytes, FlightError>> {
+    futures_util::stream::unfold((data, 0usize, gate), |(data, pos, mut gate)| async move {
+        if pos >= data.len() || gate.recv().await.is_none() {
+            return None;
+        }
+        let end = (pos + 10_000).min(data.len());
+        let chunk = Bytes::copy_from_slice(&data[pos..end]);
+        Some((Ok(chunk), (data, end, gate)))
+    })
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn when_every_reader_leaves_the_policy_decides_whether_the_download_finishes() {
+    for policy in [WhenUnwanted::Finish, WhenUnwanted::Stop] {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let flights = Flights::default();
+        let body = data(100_000);
+        let digest = Digest::sha256_of(&body);
+        let Role::Leader(permit) = flights.join(&store, "up", &digest, "r") else {
+            panic!()
+        };
+        let flight = permit.flight().clone();
+        let (open, gate) = tokio::sync::mpsc::channel(1);
+        let size = Some(body.len() as u64);
+        let task = tokio::spawn(download(
+            permit,
+            store.clone(),
+            size,
+            gated(body.clone(), gate),
+            Box::new(linked),
+            policy,
+        ));
+        open.send(()).await.unwrap();
+        open.send(()).await.unwrap();
+        // A client reads what is there, then hangs up.
+        let mut reader = flight.clone().read(0, None);
+        let first = reader.next().await.unwrap().unwrap();
+        assert!(!first.is_empty());
+        drop(reader);
+        while flight.readers.load(Ordering::SeqCst) > 0 {
+            tokio::task::yield_now().await;
+        }
+        // The rest of the body arrives with nobody reading.
+        for _ in 0..10 {
+            if open.send(()).await.is_err() {
+                break;
+            }
+        }
+        drop(open);
+        task.await.unwrap();
+        let outcome = flight.finished().await;
+        match policy {
+            WhenUnwanted::Finish => {
+                assert_eq!(outcome.unwrap(), body.len() as u64);
+                assert!(store.blob_path(&digest).exists());
+            }
+            WhenUnwanted::Stop => {
+                assert!(matches!(outcome, Err(FlightError::Unwanted)));
+                assert!(!store.blob_path(&digest).exists());
+            }
+        }
+    }
 }

@@ -12,6 +12,8 @@ struct UpstreamEntry {
     url: String,
     library_prefix: bool,
     credentials: Option<(String, String)>,
+    /// Further `key = value` TOML lines for this upstream.
+    options: Vec<String>,
 }
 
 /// Describes a cache to start.
@@ -19,6 +21,8 @@ pub struct CacheBuilder {
     upstreams: Vec<UpstreamEntry>,
     tag_ttl: String,
     prefetch: bool,
+    /// Further `key = value` TOML lines for `[cache]`.
+    cache_options: Vec<String>,
 }
 
 /// A running cache; stopped (and its data removed) on drop.
@@ -36,6 +40,7 @@ impl Cache {
             upstreams: Vec::new(),
             tag_ttl: "5m".into(),
             prefetch: true,
+            cache_options: Vec::new(),
         }
     }
 
@@ -76,6 +81,7 @@ impl CacheBuilder {
             url: url.into(),
             library_prefix: false,
             credentials: None,
+            options: Vec::new(),
         });
         self
     }
@@ -104,6 +110,19 @@ impl CacheBuilder {
         self
     }
 
+    /// Sets `key = value` (a TOML value, e.g. `"1s"` with its quotes) on the last upstream added.
+    pub fn upstream_option(mut self, key: &str, value: &str) -> Self {
+        let up = self.upstreams.last_mut().expect("an upstream first");
+        up.options.push(format!("{key} = {value}"));
+        self
+    }
+
+    /// Sets `key = value` (a TOML value) in `[cache]`.
+    pub fn cache_option(mut self, key: &str, value: &str) -> Self {
+        self.cache_options.push(format!("{key} = {value}"));
+        self
+    }
+
     /// Whether serving a manifest prefetches its blobs (on by default, as in production).
     pub fn prefetch(mut self, on: bool) -> Self {
         self.prefetch = on;
@@ -121,11 +140,17 @@ impl CacheBuilder {
             self.tag_ttl,
             self.prefetch
         );
+        for line in &self.cache_options {
+            toml += &format!("{line}\n");
+        }
         for (i, up) in self.upstreams.iter().enumerate() {
             toml += &format!(
                 "[[upstreams]]\nname = {:?}\nurl = {:?}\nlibrary_prefix = {}\n",
                 up.name, up.url, up.library_prefix
             );
+            for line in &up.options {
+                toml += &format!("{line}\n");
+            }
             if let Some((user, password)) = &up.credentials {
                 let file = dir.path().join(format!("password-{i}"));
                 std::fs::write(&file, password).expect("write password file");
@@ -236,6 +261,53 @@ impl Rig {
     }
 }
 
+/// What a streamed download delivered: status, the sha256 and length of the
+/// body, or the error that ended it. Bodies are hashed as they arrive, never held.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Streamed {
+    /// HTTP status.
+    pub status: u16,
+    /// `sha256:<hex>` of the bytes received.
+    pub digest: String,
+    /// Bytes received.
+    pub len: u64,
+    /// Why the body ended early, if it did.
+    pub error: Option<String>,
+}
+
+/// GETs `url` with `headers`, hashing the body as it streams in.
+pub async fn stream_digest(url: &str, headers: &[(&str, &str)]) -> Streamed {
+    use futures_util::StreamExt;
+    use sha2::Digest;
+    let mut req = reqwest::Client::new().get(url);
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
+    let resp = req.send().await.unwrap_or_else(|e| panic!("{url}: {e}"));
+    let status = resp.status().as_u16();
+    let mut hasher = sha2::Sha256::new();
+    let (mut len, mut error) = (0u64, None);
+    let mut body = resp.bytes_stream();
+    while let Some(chunk) = body.next().await {
+        match chunk {
+            Ok(bytes) => {
+                hasher.update(&bytes);
+                len += bytes.len() as u64;
+            }
+            Err(e) => {
+                error = Some(e.to_string());
+                break;
+            }
+        }
+    }
+    Streamed {
+        status,
+        digest: format!("sha256:{}", hex::encode(hasher.finalize())),
+        len,
+        error,
+    }
+}
+
 /// One unauthenticated request; the body is read whole.
 pub async fn raw_request(
     url: &str,
@@ -328,6 +400,11 @@ impl CacheProcess {
     /// `http://127.0.0.1:PORT`
     pub fn url(&self) -> String {
         format!("http://{}", self.addr)
+    }
+
+    /// The PID of the cache process (e.g. to read `/proc/PID/status`).
+    pub fn pid(&self) -> u32 {
+        self.child.pid()
     }
 
     /// Everything it logged so far.

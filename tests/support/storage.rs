@@ -70,3 +70,50 @@ async fn serve(
         .cloned()
         .ok_or(StatusCode::NOT_FOUND)
 }
+
+/// An upstream that answers `200` with a `Content-Length` of `announced`, sends
+/// `sent` bytes of it, then stalls with the connection open: the hanging upstream.
+pub struct Stalling {
+    addr: SocketAddr,
+    requests: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl Stalling {
+    /// Starts it on a free loopback port; it stops with the test's runtime.
+    pub async fn start(announced: usize, sent: usize) -> Stalling {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind stalling upstream");
+        let addr = listener.local_addr().expect("local addr");
+        let requests = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let counter = requests.clone();
+        tokio::spawn(async move {
+            while let Ok((mut socket, _)) = listener.accept().await {
+                counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                tokio::spawn(async move {
+                    let mut buf = [0u8; 4096];
+                    let _ = socket.read(&mut buf).await;
+                    let head = format!(
+                        "HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\nContent-Length: {announced}\r\n\r\n"
+                    );
+                    let _ = socket.write_all(head.as_bytes()).await;
+                    let _ = socket.write_all(&vec![b'z'; sent]).await;
+                    // Hold the connection open, silent, until the peer gives up.
+                    let _ = socket.read(&mut buf).await;
+                });
+            }
+        });
+        Stalling { addr, requests }
+    }
+
+    /// `http://127.0.0.1:PORT`
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Connections accepted so far.
+    pub fn requests(&self) -> usize {
+        self.requests.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
