@@ -241,3 +241,84 @@ async fn a_stalled_download_is_failed_not_left_hanging() {
     assert!(tmp.is_empty(), "temporary file removed: {tmp:?}");
     assert!(upstream.requests() >= 1);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn max_connections_bounds_what_runs_upstream_at_once() {
+    for limit in [1usize, 3] {
+        let upstream = support::storage::Stalling::start(1_000_000, 1024).await;
+        let cache = support::cache::Cache::builder()
+            .upstream("docker.io", &upstream.url())
+            .upstream_option("idle_timeout", "\"1s\"")
+            .upstream_option("max_connections", &limit.to_string())
+            .prefetch(false)
+            .start()
+            .await;
+        let urls: Vec<String> = (0..4)
+            .map(|i| {
+                format!(
+                    "{}/v2/library/x/blobs/sha256:{}",
+                    cache.url(),
+                    i.to_string().repeat(64)
+                )
+            })
+            .collect();
+        let got = tokio::time::timeout(
+            Duration::from_secs(30),
+            join_all(urls.iter().map(|u| stream_digest(u, &[]))),
+        )
+        .await
+        .expect("every stalled download is failed in time");
+        assert!(got.iter().all(|g| g.error.is_some()));
+        assert_eq!(upstream.requests(), 4);
+        assert_eq!(
+            upstream.max_concurrent(),
+            limit,
+            "at most {limit} at once, and the limit was reached"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn serving_a_manifest_prefetches_what_the_client_asks_for_next() {
+    let img = Image::single(56);
+    let index = Image::builder(57).build_index(&["amd64", "arm64", "s390x"]);
+    let rig = Rig::start(
+        Registry::anonymous()
+            .image("library/pre", "1", img.clone())
+            .image("library/pre", "multi", index.clone()),
+    )
+    .await;
+    let m = rig
+        .request(Method::GET, "/v2/library/pre/manifests/1", &[ALL])
+        .await;
+    assert_eq!(m.status, 200);
+    let seen = rig.front.settled(Duration::from_millis(300)).await;
+    for blob in img.own_blobs() {
+        assert_eq!(
+            rig.front.count("GET", &blob.digest),
+            1,
+            "{} prefetched: {seen:#?}",
+            blob.digest
+        );
+    }
+    rig.quiesce().await;
+    for blob in img.own_blobs() {
+        let path = format!("/v2/library/pre/blobs/{}", blob.digest);
+        assert_eq!(rig.request(Method::GET, &path, &[]).await.body, blob.bytes);
+    }
+    let after = rig.front.settled(Duration::from_millis(200)).await;
+    assert!(
+        after.is_empty(),
+        "the blobs came from the prefetch: {after:#?}"
+    );
+    // An index: the manifests of the configured platforms (amd64, arm64), not s390x.
+    let i = rig
+        .request(Method::GET, "/v2/library/pre/manifests/multi", &[ALL])
+        .await;
+    assert_eq!(i.status, 200);
+    rig.front.settled(Duration::from_millis(300)).await;
+    for (arch, expected) in [("amd64", 1), ("arm64", 1), ("s390x", 0)] {
+        let child = index.child(arch).expect("child");
+        assert_eq!(rig.front.count("GET", child.digest()), expected, "{arch}");
+    }
+}

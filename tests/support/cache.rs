@@ -265,7 +265,7 @@ impl Rig {
 /// body, or the error that ended it. Bodies are hashed as they arrive, never held.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Streamed {
-    /// HTTP status.
+    /// HTTP status; 0 when the connection ended before any response.
     pub status: u16,
     /// `sha256:<hex>` of the bytes received.
     pub digest: String,
@@ -283,9 +283,20 @@ pub async fn stream_digest(url: &str, headers: &[(&str, &str)]) -> Streamed {
     for (k, v) in headers {
         req = req.header(*k, *v);
     }
-    let resp = req.send().await.unwrap_or_else(|e| panic!("{url}: {e}"));
-    let status = resp.status().as_u16();
     let mut hasher = sha2::Sha256::new();
+    let resp = match req.send().await {
+        Ok(resp) => resp,
+        // The server may abort before its headers go out (a body failing at once).
+        Err(e) => {
+            return Streamed {
+                status: 0,
+                digest: format!("sha256:{}", hex::encode(hasher.finalize())),
+                len: 0,
+                error: Some(format!("no response: {e}")),
+            }
+        }
+    };
+    let status = resp.status().as_u16();
     let (mut len, mut error) = (0u64, None);
     let mut body = resp.bytes_stream();
     while let Some(chunk) = body.next().await {

@@ -76,7 +76,14 @@ async fn serve(
 pub struct Stalling {
     addr: SocketAddr,
     requests: Arc<std::sync::atomic::AtomicUsize>,
+    open: Arc<Gauge>,
 }
+
+/// Connections open now, and the most ever open at once.
+type Gauge = (
+    std::sync::atomic::AtomicUsize,
+    std::sync::atomic::AtomicUsize,
+);
 
 impl Stalling {
     /// Starts it on a free loopback port; it stops with the test's runtime.
@@ -87,11 +94,20 @@ impl Stalling {
             .expect("bind stalling upstream");
         let addr = listener.local_addr().expect("local addr");
         let requests = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-        let counter = requests.clone();
+        let open: Arc<Gauge> = Arc::default();
+        let (counter, gauge) = (requests.clone(), Arc::clone(&open));
         tokio::spawn(async move {
             while let Ok((mut socket, _)) = listener.accept().await {
-                counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                use std::sync::atomic::Ordering::SeqCst;
+                counter.fetch_add(1, SeqCst);
+                let gauge = gauge.clone();
                 tokio::spawn(async move {
+                    // Count it open a moment after accepting: a client that frees its
+                    // slot drops the old connection just before opening the next, and
+                    // that close must be seen first or the two would look concurrent.
+                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                    let now = gauge.0.fetch_add(1, SeqCst) + 1;
+                    gauge.1.fetch_max(now, SeqCst);
                     let mut buf = [0u8; 4096];
                     let _ = socket.read(&mut buf).await;
                     let head = format!(
@@ -101,10 +117,15 @@ impl Stalling {
                     let _ = socket.write_all(&vec![b'z'; sent]).await;
                     // Hold the connection open, silent, until the peer gives up.
                     let _ = socket.read(&mut buf).await;
+                    gauge.0.fetch_sub(1, SeqCst);
                 });
             }
         });
-        Stalling { addr, requests }
+        Stalling {
+            addr,
+            requests,
+            open,
+        }
     }
 
     /// `http://127.0.0.1:PORT`
@@ -115,5 +136,10 @@ impl Stalling {
     /// Connections accepted so far.
     pub fn requests(&self) -> usize {
         self.requests.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// The most connections that were ever open at once.
+    pub fn max_concurrent(&self) -> usize {
+        self.open.1.load(std::sync::atomic::Ordering::SeqCst)
     }
 }
