@@ -26,7 +26,7 @@ use reqwest::header::{CONTENT_LENGTH, CONTENT_TYPE};
 use reqwest::Method;
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 /// Largest manifest accepted from upstream; Distribution's own default limit.
 pub const MAX_MANIFEST_BYTES: u64 = 4 * 1024 * 1024;
@@ -179,10 +179,11 @@ struct Inner {
     prefetch_slots: HashMap<String, Arc<tokio::sync::Semaphore>>,
 }
 
-fn now_secs() -> u64 {
+/// Milliseconds since the Unix epoch: tag ages are compared with ttls of a few seconds.
+fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
+        .map(|d| d.as_millis() as u64)
         .unwrap_or(0)
 }
 
@@ -249,36 +250,70 @@ impl Cache {
         tag: &Tag,
         accept: &Accept,
     ) -> Result<Manifest, CacheError> {
-        let index = self.inner.store.index();
-        let record = index.tag(up.name(), repo, tag)?;
-        let record = match record {
-            Some(r)
-                if now_secs().saturating_sub(r.fetched_at)
-                    < self.inner.policy.tag_ttl.as_secs() =>
-            {
-                r
+        let policy = &self.inner.policy;
+        let old = self.inner.store.index().tag(up.name(), repo, tag)?;
+        let age = |r: &TagRecord| Duration::from_millis(now_ms().saturating_sub(r.fetched_at_ms));
+        if let Some(record) = &old {
+            let expired = age(record) >= policy.tag_ttl;
+            // Low on rate-limit budget: serve what we have rather than spend a pull on a HEAD.
+            if !expired || up.health().budget_low() {
+                return self.serve_tag(up, repo, tag, record, accept, expired).await;
             }
-            old => match self.revalidate(up, repo, tag).await {
-                Ok(r) => r,
-                Err(e) if e.is_upstream() && !e.is_not_found() => {
-                    let Some(old) = old else { return Err(e) };
-                    tracing::warn!(upstream = up.name(), %repo, %tag, error = %e, "serving stale tag");
-                    let digest = self.record_digest(&old)?;
-                    if !accept.allows(&old.media_type) {
-                        return Err(e);
-                    }
-                    let mut m = self.manifest_by_digest(up, repo, &digest).await?;
-                    m.stale = true;
-                    return Ok(m);
-                }
-                Err(e) => return Err(e),
-            },
+        }
+        // An old mapping may stand in when upstream fails (not when it answers 404,
+        // unless configured), if it is not older than `max_stale`.
+        let stand_in = |e: &CacheError| {
+            old.as_ref().filter(|r| {
+                e.is_upstream()
+                    && (!e.is_not_found() || policy.serve_stale_on_not_found)
+                    && policy.max_stale.is_none_or(|max| age(r) <= max)
+            })
         };
+        let result = match self.revalidate(up, repo, tag).await {
+            Ok(record) => {
+                let served = self.serve_tag(up, repo, tag, &record, accept, false).await;
+                if served.is_ok() {
+                    self.inner
+                        .store
+                        .index()
+                        .set_tag(up.name(), repo, tag, &record)?;
+                }
+                served
+            }
+            Err(e) => Err(e),
+        };
+        match result {
+            Err(e) => match stand_in(&e) {
+                Some(record) => {
+                    tracing::warn!(upstream = up.name(), %repo, %tag, error = %e, "serving stale tag");
+                    self.serve_tag(up, repo, tag, record, accept, true)
+                        .await
+                        .map_err(|_| e)
+                }
+                None => Err(e),
+            },
+            ok => ok,
+        }
+    }
+
+    /// Serves the manifest a tag record points to (by digest), or what upstream
+    /// gives a client whose `Accept` lacks its type.
+    async fn serve_tag(
+        &self,
+        up: &Upstream,
+        repo: &RepoName,
+        tag: &Tag,
+        record: &TagRecord,
+        accept: &Accept,
+        stale: bool,
+    ) -> Result<Manifest, CacheError> {
         if !accept.allows(&record.media_type) {
             return self.manifest_for_accept(up, repo, tag, accept).await;
         }
-        let digest = self.record_digest(&record)?;
-        self.manifest_by_digest(up, repo, &digest).await
+        let digest = self.record_digest(record)?;
+        let mut manifest = self.manifest_by_digest(up, repo, &digest).await?;
+        manifest.stale = stale;
+        Ok(manifest)
     }
 
     fn record_digest(&self, record: &TagRecord) -> Result<Digest, CacheError> {
@@ -324,7 +359,9 @@ impl Cache {
         result.map_err(CacheError::Shared)
     }
 
-    /// Asks upstream what `tag` points to now (a `HEAD`) and records it.
+    /// Asks upstream what `tag` points to now (a `HEAD`). The caller records the
+    /// answer only once the manifest it names is in hand, so a failure fetching it
+    /// leaves the old mapping to serve.
     async fn head_tag(
         &self,
         up: &Upstream,
@@ -337,11 +374,13 @@ impl Cache {
         let digest =
             header_str(&resp, DOCKER_CONTENT_DIGEST).and_then(|d| d.parse::<Digest>().ok());
         let media_type = header_str(&resp, CONTENT_TYPE);
+        // Free the connection slot before a fallback request needs one.
+        drop(resp);
         let record = match (digest, media_type) {
             (Some(digest), Some(media_type)) => TagRecord {
                 digest: digest.to_string(),
                 media_type,
-                fetched_at: now_secs(),
+                fetched_at_ms: now_ms(),
             },
             // Registries that leave the digest out of HEAD: fetch the tag and hash it.
             _ => {
@@ -349,14 +388,10 @@ impl Cache {
                 TagRecord {
                     digest: m.digest.to_string(),
                     media_type: m.media_type,
-                    fetched_at: now_secs(),
+                    fetched_at_ms: now_ms(),
                 }
             }
         };
-        self.inner
-            .store
-            .index()
-            .set_tag(up.name(), repo, tag, &record)?;
         Ok(record)
     }
 
@@ -441,6 +476,10 @@ impl Cache {
                     permit.fail(e.clone().into());
                     return Err(e.into());
                 }
+                let limits = flight::Limits {
+                    size,
+                    max: Some(MAX_MANIFEST_BYTES),
+                };
                 let media_type = header_str(&resp, CONTENT_TYPE).unwrap_or_default();
                 let (name, repo) = (up.name().to_string(), repo.clone());
                 let linked = digest.clone();
@@ -450,7 +489,7 @@ impl Cache {
                         .set_manifest(&linked, &ManifestRecord { media_type })?;
                     store.link(&name, &repo, &linked)
                 });
-                self.spawn_download(up, permit, size, resp, on_commit);
+                self.spawn_download(up, permit, limits, resp, on_commit);
                 flight
             }
         };
@@ -498,7 +537,7 @@ impl Cache {
         &self,
         up: &Upstream,
         permit: flight::Permit,
-        size: Option<u64>,
+        limits: flight::Limits,
         resp: Answer,
         on_commit: flight::OnCommit,
     ) {
@@ -506,7 +545,7 @@ impl Cache {
         let body = resp.bytes_stream().map_err(move |e| {
             FlightError::from(UpstreamError {
                 upstream: name.clone(),
-                kind: UpstreamErrorKind::Transport(format!("body: {e}")),
+                kind: crate::upstream::transport_kind(&e),
             })
         });
         let when_unwanted = if self.inner.policy.finish_abandoned {
@@ -517,7 +556,7 @@ impl Cache {
         tokio::spawn(flight::download(
             permit,
             self.inner.store.clone(),
-            size,
+            limits,
             body,
             on_commit,
             when_unwanted,
@@ -560,6 +599,7 @@ impl Cache {
                 // It may have landed between our look-up and the join.
                 if let Some(size) = store.blob_size(digest) {
                     permit.already_stored(size);
+                    self.confirm(up, repo, digest, false).await?;
                     return Ok(self.stored_blob(digest, range, head)?);
                 }
                 self.lead_blob(up, repo, permit).await?
@@ -596,11 +636,14 @@ impl Cache {
                 return Err(e.into());
             }
         };
-        let size = header_len(&resp);
+        let limits = flight::Limits {
+            size: header_len(&resp),
+            max: None,
+        };
         let (name, repo) = (up.name().to_string(), repo.clone());
         let on_commit: flight::OnCommit =
             Box::new(move |store: &Store, _| store.link(&name, &repo, &digest));
-        self.spawn_download(up, permit, size, resp, on_commit);
+        self.spawn_download(up, permit, limits, resp, on_commit);
         Ok(flight)
     }
 
@@ -781,7 +824,7 @@ async fn read_manifest_body(up: &Upstream, resp: Answer) -> Result<Bytes, Upstre
     let bytes = resp
         .bytes()
         .await
-        .map_err(|e| up_error(up, UpstreamErrorKind::Transport(format!("body: {e}"))))?;
+        .map_err(|e| up_error(up, crate::upstream::transport_kind(&e)))?;
     if bytes.len() as u64 > MAX_MANIFEST_BYTES {
         return Err(up_error(
             up,

@@ -94,6 +94,12 @@ pub struct CacheConfig {
     /// Whether a download goes on when every client reading it has gone, so the next pull is a hit.
     #[serde(default = "yes")]
     pub finish_abandoned: bool,
+    /// How old a tag may be and still be served when upstream fails; unset: however old.
+    #[serde(default, with = "human_duration_opt")]
+    pub max_stale: Option<Duration>,
+    /// Whether a tag upstream now says is unknown (404) is still served from the cache.
+    #[serde(default)]
+    pub serve_stale_on_not_found: bool,
 }
 
 fn yes() -> bool {
@@ -140,6 +146,44 @@ pub struct UpstreamConfig {
     /// How long an answer may stall (headers, or the next body bytes) before it is failed.
     #[serde(default = "default_idle_timeout", with = "human_duration")]
     pub idle_timeout: Duration,
+    /// Retries of a failed request (transport error, 5xx, 429), with jittered backoff.
+    #[serde(default = "default_retries")]
+    pub retries: u32,
+    /// First backoff ceiling; doubles per retry.
+    #[serde(default = "default_retry_backoff", with = "human_duration")]
+    pub retry_backoff: Duration,
+    /// Failures in a row that open the circuit (no upstream traffic, stale served at once).
+    #[serde(default = "default_failures_to_open")]
+    pub failures_to_open: u32,
+    /// How long the circuit stays open before one probe request.
+    #[serde(default = "default_open_for", with = "human_duration")]
+    pub open_for: Duration,
+    /// Below this many remaining pulls (`ratelimit-remaining`), tags are not revalidated.
+    #[serde(default = "default_ratelimit_reserve")]
+    pub ratelimit_reserve: u64,
+    /// Never contact this upstream; serve what the store holds.
+    #[serde(default)]
+    pub offline: bool,
+}
+
+fn default_retries() -> u32 {
+    2
+}
+
+fn default_retry_backoff() -> Duration {
+    Duration::from_millis(200)
+}
+
+fn default_failures_to_open() -> u32 {
+    5
+}
+
+fn default_open_for() -> Duration {
+    Duration::from_secs(30)
+}
+
+fn default_ratelimit_reserve() -> u64 {
+    10
 }
 
 fn default_max_connections() -> usize {
@@ -168,6 +212,12 @@ impl fmt::Debug for UpstreamConfig {
             .field("max_connections", &self.max_connections)
             .field("connect_timeout", &self.connect_timeout)
             .field("idle_timeout", &self.idle_timeout)
+            .field("retries", &self.retries)
+            .field("retry_backoff", &self.retry_backoff)
+            .field("failures_to_open", &self.failures_to_open)
+            .field("open_for", &self.open_for)
+            .field("ratelimit_reserve", &self.ratelimit_reserve)
+            .field("offline", &self.offline)
             .finish()
     }
 }
@@ -210,6 +260,8 @@ pub struct Overrides {
     pub listen: Option<SocketAddr>,
     /// `--data`
     pub data: Option<PathBuf>,
+    /// `--offline`: no upstream is ever contacted.
+    pub offline: bool,
 }
 
 impl Config {
@@ -232,7 +284,10 @@ impl Config {
         if let Some(data) = &overrides.data {
             figment = figment.merge(Serialized::default("storage.path", data));
         }
-        let config: Config = figment.extract().map_err(Box::new)?;
+        let mut config: Config = figment.extract().map_err(Box::new)?;
+        if overrides.offline {
+            config.upstreams.iter_mut().for_each(|u| u.offline = true);
+        }
         config.validate()?;
         Ok(config)
     }
@@ -269,6 +324,12 @@ impl Config {
             }
             let url = reqwest::Url::parse(&up.url)
                 .map_err(|e| invalid(key("url"), format!("{:?} is not a URL: {e}", up.url)))?;
+            if !url.username().is_empty() || url.password().is_some() {
+                return Err(invalid(
+                    key("url"),
+                    "must not carry credentials: use username and password_file or password_env",
+                ));
+            }
             if !matches!(url.scheme(), "http" | "https") || url.host_str().is_none() {
                 return Err(invalid(
                     key("url"),
@@ -288,6 +349,9 @@ impl Config {
                 return Err(invalid(key("username"), "a password needs a username"));
             }
             up.credentials().map_err(|p| invalid(key("password"), p))?;
+            if up.failures_to_open == 0 {
+                return Err(invalid(key("failures_to_open"), "must be at least 1"));
+            }
             if up.max_connections == 0 {
                 return Err(invalid(key("max_connections"), "must be at least 1"));
             }
@@ -373,6 +437,22 @@ mod human_duration {
         humantime::parse_duration(&text).map_err(|e| {
             serde::de::Error::custom(format!("{text:?} is not a duration like \"5m\": {e}"))
         })
+    }
+}
+
+/// An optional human duration; absent means `None`.
+mod human_duration_opt {
+    use super::*;
+
+    pub fn serialize<S: serde::Serializer>(d: &Option<Duration>, s: S) -> Result<S::Ok, S::Error> {
+        match d {
+            Some(d) => human_duration::serialize(d, s),
+            None => s.serialize_none(),
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+        human_duration::deserialize(d).map(Some)
     }
 }
 

@@ -253,8 +253,11 @@ impl Flight {
                 State::Failed(e) => return Err(io::Error::other(e.clone())),
             };
             let limit = end.map_or(readable, |e| e.min(readable));
-            if pos < limit {
-                let want = ((limit - pos) as usize).min(slot.chunk());
+            let want = (limit.saturating_sub(pos) as usize).min(slot.chunk());
+            // The chunk that ends a range waits for the verdict on the whole blob,
+            // so a range of a lying download never ends cleanly.
+            let ends_range = end.is_some_and(|e| pos + want as u64 >= e);
+            if want > 0 && (!ends_range || complete.is_some()) {
                 let mut buf = vec![0; want];
                 file.read_exact(&mut buf)?;
                 pos += want as u64;
@@ -387,12 +390,13 @@ impl Permit {
     /// request finds the blob in the store (done) or starts afresh (failed).
     fn settle(mut self, state: State) {
         self.settled = true;
-        self.flight.state.send_replace(state);
+        // Out of the map first: a request arriving now must not join a failed flight.
         self.flights
             .map
             .lock()
             .expect("flight map poisoned")
             .remove(&self.key);
+        self.flight.state.send_replace(state);
     }
 
     /// Settles as done without downloading: the store already had the blob.
@@ -409,12 +413,12 @@ impl Permit {
 impl Drop for Permit {
     fn drop(&mut self) {
         if !self.settled {
-            self.flight
-                .state
-                .send_replace(State::Failed(FlightError::Abandoned));
             if let Ok(mut map) = self.flights.map.lock() {
                 map.remove(&self.key);
             }
+            self.flight
+                .state
+                .send_replace(State::Failed(FlightError::Abandoned));
         }
     }
 }
@@ -432,12 +436,25 @@ pub enum WhenUnwanted {
     Stop,
 }
 
-/// Runs a flight's download to its end: `body` is upstream's response body,
-/// `size` what upstream announced. Spawn it: it must outlive every client.
+/// What a download may be: the size upstream announced, and a cap.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Limits {
+    /// `Content-Length`, if upstream sent one: the body must be exactly this long.
+    pub size: Option<u64>,
+    /// The body must not be longer than this (manifests have a cap; blobs do not).
+    pub max: Option<u64>,
+}
+
+/// Runs a flight's download to its end: `body` is upstream's response body.
+/// Spawn it: it must outlive every client.
+///
+/// The disk work runs on a thread of its own, not tokio's blocking pool: readers
+/// park pool threads while they wait for bytes, so a writer drawn from the same
+/// pool could starve behind them and never publish the bytes they wait for.
 pub async fn download<S, E>(
     permit: Permit,
     store: Store,
-    size: Option<u64>,
+    limits: Limits,
     body: S,
     on_commit: OnCommit,
     when_unwanted: WhenUnwanted,
@@ -445,9 +462,19 @@ pub async fn download<S, E>(
     S: Stream<Item = Result<Bytes, E>> + Send,
     E: Into<FlightError>,
 {
-    let (tx, rx) = std::sync::mpsc::sync_channel::<Option<Bytes>>(WRITE_QUEUE);
+    let (tx, rx) = mpsc::channel::<Option<Bytes>>(WRITE_QUEUE);
+    let (done_tx, done_rx) = tokio::sync::oneshot::channel();
     let flight = permit.flight.clone();
-    let writer = tokio::task::spawn_blocking(move || write(&flight, &store, size, rx, on_commit));
+    let spawned = std::thread::Builder::new()
+        .name("pullthrough-writer".into())
+        .spawn(move || {
+            let _ = done_tx.send(write(&flight, &store, limits, rx, on_commit));
+        });
+    if let Err(e) = spawned {
+        let path = permit.flight.tmp.clone();
+        permit.fail(store_error(StoreError::Io { path, source: e }));
+        return;
+    }
     let mut body = std::pin::pin!(body);
     let mut upstream_error = None;
     while let Some(chunk) = body.next().await {
@@ -457,19 +484,7 @@ pub async fn download<S, E>(
         }
         match chunk {
             Ok(bytes) => {
-                // A full queue means the disk is slower than the network: wait on a
-                // blocking thread rather than stall this worker.
-                let tx2 = tx.clone();
-                let sent = match tx2.try_send(Some(bytes)) {
-                    Ok(()) => true,
-                    Err(std::sync::mpsc::TrySendError::Full(b)) => {
-                        tokio::task::spawn_blocking(move || tx2.send(b).is_ok())
-                            .await
-                            .unwrap_or(false)
-                    }
-                    Err(std::sync::mpsc::TrySendError::Disconnected(_)) => false,
-                };
-                if !sent {
+                if tx.send(Some(bytes)).await.is_err() {
                     break; // the writer failed; its error is the outcome
                 }
             }
@@ -480,10 +495,10 @@ pub async fn download<S, E>(
         }
     }
     if upstream_error.is_none() {
-        let _ = tx.send(None); // end of body: verify and commit
+        let _ = tx.send(None).await; // end of body: verify and commit
     }
     drop(tx);
-    let outcome = match writer.await {
+    let outcome = match done_rx.await {
         Ok(Ok(size)) => State::Done { size },
         Ok(Err(e)) => State::Failed(upstream_error.unwrap_or(e)),
         Err(_) => State::Failed(FlightError::Abandoned),
@@ -499,20 +514,21 @@ pub async fn download<S, E>(
 fn write(
     flight: &Flight,
     store: &Store,
-    size: Option<u64>,
-    rx: std::sync::mpsc::Receiver<Option<Bytes>>,
+    limits: Limits,
+    mut rx: mpsc::Receiver<Option<Bytes>>,
     on_commit: OnCommit,
 ) -> Result<u64, FlightError> {
     let tmp = flight.tmp.clone();
     let result = (|| {
         let mut file = File::create(&tmp).map_err(|e| io_store_error(&tmp, e))?;
+        let size = limits.size;
         flight
             .state
             .send_replace(State::Streaming { size, visible: 0 });
         let mut hasher = flight.digest.algorithm().hasher();
         let mut written: u64 = 0;
         let mut ended = false;
-        while let Ok(msg) = rx.recv() {
+        while let Some(msg) = rx.blocking_recv() {
             let Some(bytes) = msg else {
                 ended = true;
                 break;
@@ -523,9 +539,9 @@ fn write(
             // Publish all but this chunk: the last one is released only after verification.
             let visible = written;
             written += bytes.len() as u64;
-            if size.is_some_and(|s| written > s) {
+            if let Some(cap) = size.or(limits.max).filter(|cap| written > *cap) {
                 return Err(FlightError::SizeMismatch {
-                    expected: size.unwrap_or_default(),
+                    expected: cap,
                     actual: written,
                 });
             }

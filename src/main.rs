@@ -37,6 +37,9 @@ enum Command {
         /// Data directory (overrides `[storage] path`).
         #[arg(long)]
         data: Option<PathBuf>,
+        /// Never contact any upstream; serve only what the store holds.
+        #[arg(long)]
+        offline: bool,
     },
     /// Print the embedded default configuration.
     DefaultConfig,
@@ -76,8 +79,14 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             config,
             listen,
             data,
+            offline,
         } => {
-            let config = Config::load(config.as_deref(), &Overrides { listen, data })?;
+            let overrides = Overrides {
+                listen,
+                data,
+                offline,
+            };
+            let config = Config::load(config.as_deref(), &overrides)?;
             init_logging(cli.log_format);
             let runtime = tokio::runtime::Runtime::new().context("starting the runtime")?;
             runtime.block_on(async {

@@ -65,12 +65,14 @@ impl Store {
         let blobs = root.join("blobs");
         let tmp = root.join("tmp");
         fs::create_dir_all(&blobs).map_err(io_at(&blobs))?;
+        // The index's lock first: a second process on the same directory fails here,
+        // before it could touch the running one's downloads.
+        let index = Index::open(&root.join("index"))?;
         // Anything left in tmp/ is a download a previous process never finished.
         if tmp.exists() {
             fs::remove_dir_all(&tmp).map_err(io_at(&tmp))?;
         }
         fs::create_dir_all(&tmp).map_err(io_at(&tmp))?;
-        let index = Index::open(&root.join("index"))?;
         Ok(Store {
             inner: Arc::new(Inner {
                 root: root.to_path_buf(),

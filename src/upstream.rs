@@ -9,8 +9,10 @@
 //! host changes, so registry credentials never reach a storage host.
 
 mod auth;
+mod health;
 
 pub use auth::Challenge;
+pub use health::{CircuitState, Health, HealthPolicy, RateLimit};
 
 use crate::config::{Credentials, UpstreamConfig};
 use crate::reference::{Digest, RepoName};
@@ -18,6 +20,7 @@ use reqwest::header::{HeaderMap, ACCEPT, AUTHORIZATION, RETRY_AFTER, WWW_AUTHENT
 use reqwest::{Method, Response, StatusCode, Url};
 use std::fmt;
 use std::sync::Arc;
+use std::time::Duration;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 /// What went wrong upstream.
@@ -36,12 +39,32 @@ pub enum UpstreamErrorKind {
     },
     /// Any other unexpected status, 5xx included.
     Status(u16),
-    /// Connecting, TLS, timeouts, a broken body.
+    /// Connecting, TLS, a broken connection or body.
     Transport(String),
+    /// No answer (or no more body bytes) within the configured time.
+    Timeout(String),
     /// The token endpoint failed.
     Auth(String),
     /// Upstream answered something unusable.
     Invalid(String),
+    /// The circuit is open after repeated failures; nothing was sent.
+    CircuitOpen {
+        /// When the next probe may go.
+        retry_in: std::time::Duration,
+    },
+    /// The upstream is configured offline (or `serve --offline`); nothing was sent.
+    Offline,
+}
+
+impl UpstreamErrorKind {
+    /// Whether this says upstream is unwell (as opposed to a definite answer like 404).
+    pub fn is_failure(&self) -> bool {
+        match self {
+            Self::Transport(_) | Self::Timeout(_) | Self::TooManyRequests { .. } => true,
+            Self::Status(s) => *s >= 500,
+            _ => false,
+        }
+    }
 }
 
 /// An error that came from an upstream registry, naming it.
@@ -63,8 +86,15 @@ impl fmt::Display for UpstreamErrorKind {
             Self::TooManyRequests { .. } => f.write_str("rate limited (429)"),
             Self::Status(s) => write!(f, "answered HTTP {s}"),
             Self::Transport(m) => write!(f, "unreachable: {m}"),
+            Self::Timeout(m) => write!(f, "timed out: {m}"),
             Self::Auth(m) => write!(f, "token endpoint failed: {m}"),
             Self::Invalid(m) => write!(f, "invalid answer: {m}"),
+            Self::CircuitOpen { retry_in } => write!(
+                f,
+                "failing repeatedly, not asked again for {}s",
+                retry_in.as_secs().max(1)
+            ),
+            Self::Offline => f.write_str("offline: never contacted"),
         }
     }
 }
@@ -93,6 +123,8 @@ pub struct Upstream {
     auth: auth::Auth,
     /// One permit per request in progress, held until its body ends.
     slots: Arc<Semaphore>,
+    health: Health,
+    offline: bool,
 }
 
 /// A successful upstream answer, holding one of the upstream's connection slots
@@ -141,6 +173,7 @@ impl Upstream {
         };
         let base = Url::parse(&config.url)
             .map_err(|e| error(UpstreamErrorKind::Invalid(e.to_string())))?;
+        let https = base.scheme() == "https";
         let credentials: Option<Credentials> = config
             .credentials()
             .map_err(|e| error(UpstreamErrorKind::Auth(e)))?;
@@ -148,6 +181,19 @@ impl Upstream {
             .user_agent(concat!("pullthrough/", env!("CARGO_PKG_VERSION")))
             .connect_timeout(config.connect_timeout)
             .read_timeout(config.idle_timeout)
+            .redirect(reqwest::redirect::Policy::custom(|attempt| {
+                // reqwest drops Authorization when the host changes, but not on an
+                // https -> http hop to the same host: refuse downgrades outright.
+                let downgrade = attempt.url().scheme() == "http"
+                    && attempt.previous().iter().any(|u| u.scheme() == "https");
+                if downgrade {
+                    attempt.error("refusing a redirect from https to http")
+                } else if attempt.previous().len() >= 10 {
+                    attempt.error("too many redirects")
+                } else {
+                    attempt.follow()
+                }
+            }))
             .build()
             .map_err(|e| error(UpstreamErrorKind::Transport(e.to_string())))?;
         Ok(Upstream {
@@ -155,14 +201,33 @@ impl Upstream {
             base,
             library_prefix: config.library_prefix,
             client,
-            auth: auth::Auth::new(credentials),
+            auth: auth::Auth::new(credentials, https),
             slots: Arc::new(Semaphore::new(config.max_connections)),
+            health: Health::new(HealthPolicy {
+                failures_to_open: config.failures_to_open,
+                open_for: config.open_for,
+                retries: config.retries,
+                backoff: config.retry_backoff,
+                max_backoff: config.retry_backoff.saturating_mul(16),
+                ratelimit_reserve: config.ratelimit_reserve,
+            }),
+            offline: config.offline,
         })
     }
 
     /// The configured name.
     pub fn name(&self) -> &str {
         &self.name
+    }
+
+    /// Circuit and rate-limit state.
+    pub fn health(&self) -> &Health {
+        &self.health
+    }
+
+    /// Whether this upstream is never contacted.
+    pub fn is_offline(&self) -> bool {
+        self.offline
     }
 
     /// Applies this registry's naming rules (Docker Hub's `library/`).
@@ -235,16 +300,64 @@ impl Upstream {
         let body = resp
             .bytes()
             .await
-            .map_err(|e| self.error(UpstreamErrorKind::Transport(e.to_string())))?;
+            .map_err(|e| self.error(transport_kind(&e)))?;
         serde_json::from_slice(&body)
             .map_err(|e| self.error(UpstreamErrorKind::Invalid(format!("tags list: {e}"))))
     }
 
-    /// Sends a pull-scoped request, answering one auth challenge if upstream asks.
+    /// Sends a pull-scoped request through the circuit breaker, retrying
+    /// failures (transport errors, 5xx, 429) with jittered backoff. Every request
+    /// we make is a GET or HEAD, so every request may be retried.
     async fn send(
         &self,
         method: Method,
         url: Url,
+        repo: &RepoName,
+        accept: Option<&str>,
+    ) -> Result<Answer, UpstreamError> {
+        if self.offline {
+            return Err(self.error(UpstreamErrorKind::Offline));
+        }
+        let mut attempt = 0;
+        loop {
+            let ticket = self
+                .health
+                .admit()
+                .map_err(|retry_in| self.error(UpstreamErrorKind::CircuitOpen { retry_in }))?;
+            let result = self.attempt(&method, &url, repo, accept).await;
+            let failed = result.as_ref().err().filter(|e| e.kind.is_failure());
+            ticket.record(failed.is_none());
+            let Some(error) = failed else {
+                return result;
+            };
+            if attempt >= self.health.policy().retries {
+                return result;
+            }
+            let mut wait = self.health.backoff(attempt);
+            if let UpstreamErrorKind::TooManyRequests { retry_after } = &error.kind {
+                match retry_after
+                    .as_deref()
+                    .and_then(|s| s.trim().parse::<u64>().ok())
+                {
+                    Some(secs) if Duration::from_secs(secs) <= self.health.policy().max_backoff => {
+                        wait = wait.max(Duration::from_secs(secs));
+                    }
+                    // Longer than we would ever wait for a client: fail now, serve stale.
+                    Some(_) => return result,
+                    None => {}
+                }
+            }
+            tracing::debug!(upstream = %self.name, %url, error = %error, ?wait, "retrying");
+            tokio::time::sleep(wait).await;
+            attempt += 1;
+        }
+    }
+
+    /// One attempt, answering one auth challenge if upstream asks.
+    async fn attempt(
+        &self,
+        method: &Method,
+        url: &Url,
         repo: &RepoName,
         accept: Option<&str>,
     ) -> Result<Answer, UpstreamError> {
@@ -268,7 +381,8 @@ impl Upstream {
             let resp = req
                 .send()
                 .await
-                .map_err(|e| self.error(UpstreamErrorKind::Transport(transport_message(&e))))?;
+                .map_err(|e| self.error(transport_kind(&e)))?;
+            self.health.observe_ratelimit(resp.headers());
             if resp.status() == StatusCode::UNAUTHORIZED && !answered_challenge {
                 answered_challenge = true;
                 let challenge = resp
@@ -314,12 +428,13 @@ pub fn kind_of(status: StatusCode, headers: &HeaderMap) -> UpstreamErrorKind {
     }
 }
 
-/// reqwest's message plus its causes, without the URL's query (which could carry a scope, never a secret, but is noise).
-fn transport_message(e: &reqwest::Error) -> String {
-    let mut msg = if e.is_timeout() {
-        "timed out".to_string()
-    } else if e.is_connect() {
+/// What a reqwest failure means: a timeout, or another transport failure, with
+/// reqwest's causes spelled out (its top-level message alone says little).
+pub fn transport_kind(e: &reqwest::Error) -> UpstreamErrorKind {
+    let mut msg = if e.is_connect() {
         "connection failed".to_string()
+    } else if e.is_body() || e.is_decode() {
+        "body".to_string()
     } else {
         "request failed".to_string()
     };
@@ -329,7 +444,11 @@ fn transport_message(e: &reqwest::Error) -> String {
         msg.push_str(&s.to_string());
         source = s.source();
     }
-    msg
+    if e.is_timeout() {
+        UpstreamErrorKind::Timeout(msg)
+    } else {
+        UpstreamErrorKind::Transport(msg)
+    }
 }
 
 /// All configured upstreams, and the choice among them for a request.

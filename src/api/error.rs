@@ -126,12 +126,14 @@ impl ApiError {
                 Some(UpstreamErrorKind::TooManyRequests { .. }) => {
                     (StatusCode::TOO_MANY_REQUESTS, ErrorCode::TooManyRequests)
                 }
-                Some(UpstreamErrorKind::Transport(m)) if m.starts_with("timed out") => {
+                Some(UpstreamErrorKind::Timeout(_)) => {
                     (StatusCode::GATEWAY_TIMEOUT, ErrorCode::Unavailable)
                 }
-                Some(UpstreamErrorKind::Status(503)) => {
-                    (StatusCode::SERVICE_UNAVAILABLE, ErrorCode::Unavailable)
-                }
+                Some(
+                    UpstreamErrorKind::Status(503)
+                    | UpstreamErrorKind::CircuitOpen { .. }
+                    | UpstreamErrorKind::Offline,
+                ) => (StatusCode::SERVICE_UNAVAILABLE, ErrorCode::Unavailable),
                 Some(_) => (StatusCode::BAD_GATEWAY, ErrorCode::Unavailable),
                 None if error.is_upstream() => (StatusCode::BAD_GATEWAY, ErrorCode::Unavailable),
                 None => (StatusCode::INTERNAL_SERVER_ERROR, ErrorCode::Unknown),
@@ -167,13 +169,15 @@ impl IntoResponse for ApiError {
             HeaderValue::from_static("application/json"),
         );
         if let ApiError::Cache { error, .. } = &self {
-            if let Some(UpstreamErrorKind::TooManyRequests {
-                retry_after: Some(after),
-            }) = error.upstream_kind()
-            {
-                if let Ok(v) = HeaderValue::from_str(after) {
-                    r.headers_mut().insert(header::RETRY_AFTER, v);
+            let retry_after = match error.upstream_kind() {
+                Some(UpstreamErrorKind::TooManyRequests { retry_after }) => retry_after.clone(),
+                Some(UpstreamErrorKind::CircuitOpen { retry_in }) => {
+                    Some(retry_in.as_secs().max(1).to_string())
                 }
+                _ => None,
+            };
+            if let Some(v) = retry_after.and_then(|a| HeaderValue::from_str(&a).ok()) {
+                r.headers_mut().insert(header::RETRY_AFTER, v);
             }
         }
         r

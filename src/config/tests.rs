@@ -49,10 +49,20 @@ fn flags_override_the_defaults() {
     let o = Overrides {
         listen: Some("127.0.0.1:6000".parse().unwrap()),
         data: Some(PathBuf::from("/var/tmp/pt")),
+        offline: true,
     };
     let c = Config::load(None, &o).unwrap();
     assert_eq!(c.server.listen.port(), 6000);
     assert_eq!(c.storage.path, PathBuf::from("/var/tmp/pt"));
+    assert!(
+        c.upstreams.iter().all(|u| u.offline),
+        "--offline takes every upstream offline"
+    );
+    assert!(Config::load(None, &Overrides::default())
+        .unwrap()
+        .upstreams
+        .iter()
+        .all(|u| !u.offline));
 }
 
 #[test]
@@ -139,4 +149,16 @@ fn passwords_come_from_files_and_are_never_printed() {
     assert_eq!(creds.password.expose(), "s3cret-value");
     let printed = format!("{c:?} {creds:?}");
     assert!(!printed.contains("s3cret"), "{printed}");
+}
+
+#[test]
+fn credentials_in_an_upstream_url_are_refused_without_echoing_them() {
+    let e = error_of(&with_upstreams(
+        "[[upstreams]]\nname = \"x\"\nurl = \"https://user:hunter2@x.example\"\n",
+    ));
+    assert!(
+        e.contains("upstreams[1].url") && e.contains("credentials"),
+        "{e}"
+    );
+    assert!(!e.contains("hunter2"), "{e}");
 }

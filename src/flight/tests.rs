@@ -1,4 +1,8 @@
 use super::*;
+
+fn sized(size: Option<u64>) -> Limits {
+    Limits { size, max: None }
+}
 use futures_util::StreamExt;
 
 fn chunks(data: &[u8], size: usize) -> Vec<Result<Bytes, FlightError>> {
@@ -43,7 +47,7 @@ async fn readers_get_every_byte_and_the_blob_is_committed() {
     tokio::spawn(download(
         permit,
         store.clone(),
-        size,
+        sized(size),
         stream,
         Box::new(linked),
         WhenUnwanted::Finish,
@@ -73,7 +77,7 @@ async fn a_digest_mismatch_fails_every_reader_and_keeps_nothing() {
     download(
         permit,
         store.clone(),
-        None,
+        sized(None),
         stream,
         Box::new(linked),
         WhenUnwanted::Finish,
@@ -108,7 +112,7 @@ async fn a_short_body_fails_even_with_the_right_prefix() {
     download(
         permit,
         store.clone(),
-        Some(100_000),
+        sized(Some(100_000)),
         futures_util::stream::iter(parts),
         Box::new(linked),
         WhenUnwanted::Finish,
@@ -172,7 +176,7 @@ async fn when_every_reader_leaves_the_policy_decides_whether_the_download_finish
         let task = tokio::spawn(download(
             permit,
             store.clone(),
-            size,
+            sized(size),
             gated(body.clone(), gate),
             Box::new(linked),
             policy,
@@ -207,4 +211,108 @@ async fn when_every_reader_leaves_the_policy_decides_whether_the_download_finish
             }
         }
     }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_body_past_its_cap_fails_even_without_a_length() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path()).unwrap();
+    let flights = Flights::default();
+    let body = data(50_000);
+    let digest = Digest::sha256_of(&body);
+    let Role::Leader(permit) = flights.join(&store, "up", &digest, "r") else {
+        panic!()
+    };
+    let flight = permit.flight().clone();
+    let limits = Limits {
+        size: None,
+        max: Some(10_000),
+    };
+    let stream = futures_util::stream::iter(chunks(&body, 4096));
+    download(
+        permit,
+        store.clone(),
+        limits,
+        stream,
+        Box::new(linked),
+        WhenUnwanted::Finish,
+    )
+    .await;
+    assert!(matches!(
+        flight.finished().await,
+        Err(FlightError::SizeMismatch {
+            expected: 10_000,
+            ..
+        })
+    ));
+    assert!(!store.blob_path(&digest).exists());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_range_read_ends_cleanly_only_after_the_digest_verified() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path()).unwrap();
+    let flights = Flights::default();
+    let body = data(200_000);
+    let digest = Digest::sha256_of(b"not this body");
+    let Role::Leader(permit) = flights.join(&store, "up", &digest, "r") else {
+        panic!()
+    };
+    let ranged = permit.flight().clone().read(10, Some(20));
+    let stream = futures_util::stream::iter(chunks(&body, 4096));
+    download(
+        permit,
+        store.clone(),
+        sized(None),
+        stream,
+        Box::new(linked),
+        WhenUnwanted::Finish,
+    )
+    .await;
+    assert!(
+        collect(ranged).await.is_err(),
+        "a range of a lying download must not end cleanly"
+    );
+}
+
+#[test]
+fn readers_waiting_do_not_starve_the_writer() {
+    // A runtime whose blocking pool is all but full of readers parked on a
+    // download: the writer runs on its own thread, so the download still ends.
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .max_blocking_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    runtime.block_on(async {
+        let store = Store::open(dir.path()).unwrap();
+        let flights = Flights::default();
+        let body = data(8 * READ_CHUNK);
+        let digest = Digest::sha256_of(&body);
+        let Role::Leader(permit) = flights.join(&store, "up", &digest, "r") else {
+            panic!()
+        };
+        let readers: Vec<_> = (0..2)
+            .map(|_| permit.flight().clone().read(0, None))
+            .collect();
+        let stream = futures_util::stream::iter(chunks(&body, 256 * 1024));
+        let task = tokio::spawn(download(
+            permit,
+            store.clone(),
+            sized(Some(body.len() as u64)),
+            stream,
+            Box::new(linked),
+            WhenUnwanted::Finish,
+        ));
+        let done = tokio::time::timeout(std::time::Duration::from_secs(20), async {
+            for r in readers {
+                assert_eq!(collect(r).await.unwrap().len(), body.len());
+            }
+            task.await.unwrap();
+        })
+        .await;
+        assert!(done.is_ok(), "the download and its readers finished");
+    });
 }

@@ -16,8 +16,8 @@ pub struct TagRecord {
     pub digest: String,
     /// The manifest's media type.
     pub media_type: String,
-    /// When upstream last confirmed the mapping, seconds since the Unix epoch.
-    pub fetched_at: u64,
+    /// When upstream last confirmed the mapping, milliseconds since the Unix epoch.
+    pub fetched_at_ms: u64,
 }
 
 /// What the store knows about a stored manifest besides its bytes.

@@ -13,6 +13,8 @@ use std::time::{Duration, Instant};
 
 /// Tokens are dropped this long before they expire, so none expires in flight.
 const EXPIRY_MARGIN: Duration = Duration::from_secs(10);
+/// The longest a token request may take, start to end.
+const TOKEN_TIMEOUT: Duration = Duration::from_secs(30);
 /// What the token spec says to assume when `expires_in` is absent.
 const DEFAULT_EXPIRES_IN: u64 = 60;
 
@@ -66,6 +68,8 @@ struct Token {
 /// Auth state of one upstream, shared by every client of it.
 pub struct Auth {
     basic: Option<HeaderValue>,
+    /// The upstream speaks https: its credentials never go to a plain-http realm.
+    require_tls: bool,
     /// Set once upstream asked for Basic; from then on every request carries it.
     use_basic: std::sync::atomic::AtomicBool,
     /// A std mutex: only ever held to read or insert, never across an await.
@@ -76,7 +80,7 @@ pub struct Auth {
 
 impl Auth {
     /// Auth state for an upstream with these credentials (or none: anonymous).
-    pub fn new(credentials: Option<Credentials>) -> Auth {
+    pub fn new(credentials: Option<Credentials>, require_tls: bool) -> Auth {
         let basic = credentials.as_ref().map(|c| {
             let raw = format!("{}:{}", c.username, c.password.expose());
             let encoded = base64::engine::general_purpose::STANDARD.encode(raw);
@@ -87,6 +91,7 @@ impl Auth {
         });
         Auth {
             basic,
+            require_tls,
             use_basic: false.into(),
             tokens: Mutex::new(HashMap::new()),
             fetching: tokio::sync::Mutex::new(()),
@@ -164,7 +169,13 @@ impl Auth {
             }
             q.append_pair("scope", scope);
         }
-        let mut req = client.get(url);
+        if self.basic.is_some() && self.require_tls && url.scheme() != "https" {
+            return Err(UpstreamErrorKind::Auth(format!(
+                "refusing to send credentials to a realm that is not https ({})",
+                url.origin().ascii_serialization()
+            )));
+        }
+        let mut req = client.get(url).timeout(TOKEN_TIMEOUT);
         if let Some(basic) = &self.basic {
             req = req.header(AUTHORIZATION, basic.clone());
         }
@@ -199,9 +210,11 @@ impl Auth {
             .map_err(|_| UpstreamErrorKind::Auth("token is not a valid header value".into()))?;
         header.set_sensitive(true);
         let lifetime = Duration::from_secs(parsed.expires_in.unwrap_or(DEFAULT_EXPIRES_IN));
+        // Short-lived tokens keep half their life, not nothing.
+        let margin = EXPIRY_MARGIN.min(lifetime / 2);
         Ok(Token {
             header,
-            expires: Instant::now() + lifetime.saturating_sub(EXPIRY_MARGIN),
+            expires: Instant::now() + lifetime.saturating_sub(margin),
         })
     }
 }
