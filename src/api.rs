@@ -30,8 +30,8 @@ const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 /// The HTTP application over a cache.
 pub fn router(cache: Cache) -> Router {
     Router::new()
-        .route("/v2", get(version_check))
-        .route("/v2/", get(version_check))
+        .route("/v2", any(version_check))
+        .route("/v2/", any(version_check))
         .route("/v2/{*rest}", any(v2))
         .route("/", get(home))
         .with_state(cache)
@@ -57,17 +57,17 @@ async fn home() -> &'static str {
     )
 }
 
-async fn version_check() -> impl IntoResponse {
-    (
-        [
-            (API_VERSION, HeaderValue::from_static("registry/2.0")),
-            (
-                header::CONTENT_TYPE,
-                HeaderValue::from_static("application/json"),
-            ),
-        ],
-        "{}",
-    )
+async fn version_check(method: Method) -> Result<impl IntoResponse, ApiError> {
+    if method != Method::GET && method != Method::HEAD {
+        return Err(unsupported(&method));
+    }
+    Ok(([(header::CONTENT_TYPE, "application/json")], "{}"))
+}
+
+fn unsupported(method: &Method) -> ApiError {
+    ApiError::Unsupported(format!(
+        "{method} is not supported: this is a read-only pull-through cache"
+    ))
 }
 
 async fn v2(
@@ -77,12 +77,11 @@ async fn v2(
     Query(query): Query<HashMap<String, String>>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
-    let route = Route::parse(&rest)?;
+    // The method first: a push is refused as a push, whatever it names.
     if method != Method::GET && method != Method::HEAD {
-        return Err(ApiError::Unsupported(format!(
-            "{method} is not supported: this is a read-only pull-through cache"
-        )));
+        return Err(unsupported(&method));
     }
+    let route = Route::parse(&rest)?;
     let head = method == Method::HEAD;
     let (up, repo) = route::select_upstream(cache.upstreams(), &route.name, query.get("ns"))?;
     let response = match route.endpoint {

@@ -270,16 +270,7 @@ impl Cache {
             })
         };
         let result = match self.revalidate(up, repo, tag).await {
-            Ok(record) => {
-                let served = self.serve_tag(up, repo, tag, &record, accept, false).await;
-                if served.is_ok() {
-                    self.inner
-                        .store
-                        .index()
-                        .set_tag(up.name(), repo, tag, &record)?;
-                }
-                served
-            }
+            Ok(record) => self.serve_tag(up, repo, tag, &record, accept, false).await,
             Err(e) => Err(e),
         };
         match result {
@@ -343,7 +334,7 @@ impl Cache {
             map.entry(key.clone()).or_default().clone()
         };
         let result = cell
-            .get_or_init(|| async { self.head_tag(up, repo, tag).await.map_err(Arc::new) })
+            .get_or_init(|| async { self.refresh_tag(up, repo, tag).await.map_err(Arc::new) })
             .await
             .clone();
         {
@@ -357,6 +348,25 @@ impl Cache {
             }
         }
         result.map_err(CacheError::Shared)
+    }
+
+    /// Asks upstream what `tag` points to now, makes sure the manifest it names
+    /// is in the store, and only then records the mapping: a failure fetching
+    /// the manifest leaves the old mapping to serve stale.
+    async fn refresh_tag(
+        &self,
+        up: &Upstream,
+        repo: &RepoName,
+        tag: &Tag,
+    ) -> Result<TagRecord, CacheError> {
+        let record = self.head_tag(up, repo, tag).await?;
+        let digest = self.record_digest(&record)?;
+        self.manifest_by_digest(up, repo, &digest).await?;
+        self.inner
+            .store
+            .index()
+            .set_tag(up.name(), repo, tag, &record)?;
+        Ok(record)
     }
 
     /// Asks upstream what `tag` points to now (a `HEAD`). The caller records the
@@ -503,6 +513,20 @@ impl Cache {
 
     fn stored_manifest(&self, digest: &Digest, media_type: String) -> Result<Manifest, CacheError> {
         let bytes = Bytes::from(self.inner.store.read_small(digest)?);
+        // Upstream may have sent no Content-Type: the document's own `mediaType` says it.
+        let media_type = if media_type.is_empty() {
+            #[derive(serde::Deserialize)]
+            struct Typed {
+                #[serde(rename = "mediaType")]
+                media_type: Option<String>,
+            }
+            serde_json::from_slice::<Typed>(&bytes)
+                .ok()
+                .and_then(|t| t.media_type)
+                .unwrap_or_else(|| "application/vnd.oci.image.manifest.v1+json".into())
+        } else {
+            media_type
+        };
         Ok(Manifest {
             digest: digest.clone(),
             media_type,
@@ -754,7 +778,10 @@ impl Cache {
         n: Option<u32>,
         last: Option<&str>,
     ) -> Result<TagPage, CacheError> {
-        let tags = match up.tags(repo, n, last).await {
+        // One more than asked for: if upstream honours `n`, the extra one tells
+        // whether a next page exists.
+        let ask = n.map(|n| n.saturating_add(1));
+        let tags = match up.tags(repo, ask, last).await {
             Ok(list) => list.tags,
             Err(e) if e.kind != UpstreamErrorKind::NotFound => {
                 let tags = self.inner.store.index().tags_of(up.name(), repo)?;

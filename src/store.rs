@@ -153,3 +153,39 @@ impl Store {
         self.inner.index.is_linked(upstream, repo, digest)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn opening_empties_tmp_and_keeps_blobs() {
+        let dir = tempfile::tempdir().unwrap();
+        let digest = Digest::sha256_of(b"kept");
+        {
+            let store = Store::open(dir.path()).unwrap();
+            store.put_small(&digest, b"kept").unwrap();
+            std::fs::write(store.tmp_path(&digest), b"half a download").unwrap();
+        }
+        let store = Store::open(dir.path()).unwrap();
+        assert_eq!(
+            std::fs::read_dir(dir.path().join("tmp")).unwrap().count(),
+            0
+        );
+        assert_eq!(store.read_small(&digest).unwrap(), b"kept");
+    }
+
+    #[test]
+    fn a_second_process_on_the_same_directory_fails_before_touching_tmp() {
+        let dir = tempfile::tempdir().unwrap();
+        let digest = Digest::sha256_of(b"x");
+        let first = Store::open(dir.path()).unwrap();
+        let in_flight = first.tmp_path(&digest);
+        std::fs::write(&in_flight, b"downloading").unwrap();
+        assert!(Store::open(dir.path()).is_err(), "the index is locked");
+        assert!(
+            in_flight.exists(),
+            "the running store's download is untouched"
+        );
+    }
+}

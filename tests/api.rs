@@ -400,6 +400,13 @@ async fn bad_requests_get_oci_errors_and_never_reach_upstream() {
             405,
             "UNSUPPORTED",
         ),
+        (
+            Method::DELETE,
+            "/v2/library/x/blobs/sha256:bad".into(),
+            405,
+            "UNSUPPORTED",
+        ),
+        (Method::POST, "/v2/".into(), 405, "UNSUPPORTED"),
     ];
     for (method, path, status, code) in &cases {
         let r = rig.request(method.clone(), path, &[ALL]).await;
@@ -648,5 +655,57 @@ async fn a_blob_cached_for_one_repository_is_served_for_another_only_if_upstream
         methods,
         ["HEAD", "HEAD"],
         "one confirmation each, no download: {seen:#?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn upstream_refusals_map_to_the_right_client_errors() {
+    let mut rig =
+        Rig::start(Registry::anonymous().image("library/x", "1", Image::single(18))).await;
+    for (status, code) in [
+        (403, "DENIED"),
+        (401, "UNAUTHORIZED"),
+        (404, "MANIFEST_UNKNOWN"),
+    ] {
+        rig.front.set_mode(Mode::Status(status)).await;
+        let r = rig
+            .request(Method::GET, "/v2/library/x/manifests/1", &[ALL])
+            .await;
+        assert_eq!((r.status, error_code(&r)), (status, code.to_string()));
+        let body = String::from_utf8_lossy(&r.body);
+        assert!(
+            !body.contains("injected by the test front"),
+            "upstream's body is not echoed: {body}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn blob_heads_carry_the_same_headers_as_gets_cached_or_not() {
+    let img = Image::single(19);
+    let rig = Rig::start_with(
+        Registry::anonymous().image("library/h", "1", img.clone()),
+        |c| c.prefetch(false),
+    )
+    .await;
+    let layer = &img.layers()[0];
+    let path = format!("/v2/library/h/blobs/{}", layer.digest);
+    let cold_head = rig.request(Method::HEAD, &path, &[]).await;
+    assert_eq!(cold_head.status, 200);
+    assert!(cold_head.body.is_empty());
+    assert_eq!(
+        rig.front.count("GET", &layer.digest),
+        0,
+        "a HEAD downloads nothing"
+    );
+    let get = rig.request(Method::GET, &path, &[]).await;
+    let warm_head = rig.request(Method::HEAD, &path, &[]).await;
+    for h in ["content-type", "content-length", "docker-content-digest"] {
+        assert_eq!(cold_head.header(h), get.header(h), "{h}: cold HEAD vs GET");
+        assert_eq!(warm_head.header(h), get.header(h), "{h}: warm HEAD vs GET");
+    }
+    assert_eq!(
+        get.header("docker-content-digest"),
+        Some(layer.digest.as_str())
     );
 }
