@@ -64,6 +64,15 @@ pub async fn run(
         upstreams = config.upstreams.len(),
         "pullthrough serving"
     );
+    serve(listener, cache, shutdown).await
+}
+
+/// Serves the pull API over an already built cache until `shutdown` completes.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    cache: cache::Cache,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), ServeError> {
     axum::serve(listener, api::router(cache))
         .with_graceful_shutdown(shutdown)
         .await?;

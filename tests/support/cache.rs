@@ -23,6 +23,8 @@ pub struct CacheBuilder {
     prefetch: bool,
     /// Further `key = value` TOML lines for `[cache]`.
     cache_options: Vec<String>,
+    /// A data directory to use (and keep) instead of a fresh one.
+    data: Option<PathBuf>,
 }
 
 /// A running cache; stopped (and its data removed) on drop.
@@ -30,6 +32,7 @@ pub struct Cache {
     addr: SocketAddr,
     data: PathBuf,
     shutdown: Option<oneshot::Sender<()>>,
+    server: Option<tokio::task::JoinHandle<()>>,
     _dir: tempfile::TempDir,
 }
 
@@ -41,6 +44,7 @@ impl Cache {
             tag_ttl: "5m".into(),
             prefetch: true,
             cache_options: Vec::new(),
+            data: None,
         }
     }
 
@@ -62,6 +66,17 @@ impl Cache {
     /// The cache's data directory.
     pub fn data(&self) -> &Path {
         &self.data
+    }
+
+    /// Stops it and waits until the server has ended (a restart on the same data
+    /// directory then waits for the store's lock in `start`).
+    pub async fn stop(mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        if let Some(server) = self.server.take() {
+            let _ = server.await;
+        }
     }
 }
 
@@ -129,10 +144,16 @@ impl CacheBuilder {
         self
     }
 
+    /// Uses `dir` as the data directory (it outlives the cache: for restarts).
+    pub fn data(mut self, dir: &Path) -> Self {
+        self.data = Some(dir.to_path_buf());
+        self
+    }
+
     /// Starts the cache and waits until it answers `/v2/`.
     pub async fn start(self) -> Cache {
         let dir = tempfile::tempdir().expect("temp dir");
-        let data = dir.path().join("data");
+        let data = self.data.clone().unwrap_or_else(|| dir.path().join("data"));
         let mut toml = format!(
             "default_upstream = {:?}\n[server]\nlisten = \"127.0.0.1:0\"\n[storage]\npath = {:?}\n[cache]\ntag_ttl = {:?}\nprefetch = {}\n",
             self.upstreams.first().expect("at least one upstream").name,
@@ -163,11 +184,19 @@ impl CacheBuilder {
             .expect("bind");
         let addr = listener.local_addr().expect("local addr");
         let (tx, rx) = oneshot::channel();
-        tokio::spawn(async move {
+        // A cache stopped a moment ago on the same data directory may still hold
+        // the index lock (sled releases it from a background thread): retry.
+        let built = super::wait_until("the store to open", super::READY_TIMEOUT, || {
+            let built = pullthrough::build(&config);
+            async move { built.ok() }
+        })
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+        let server = tokio::spawn(async move {
             let shutdown = async {
                 let _ = rx.await;
             };
-            if let Err(e) = pullthrough::run(listener, config, shutdown).await {
+            if let Err(e) = pullthrough::serve(listener, built, shutdown).await {
                 panic!("cache stopped: {e}");
             }
         });
@@ -175,6 +204,7 @@ impl CacheBuilder {
             addr,
             data,
             shutdown: Some(tx),
+            server: Some(server),
             _dir: dir,
         };
         let client = reqwest::Client::new();

@@ -143,3 +143,139 @@ impl Stalling {
         self.open.1.load(std::sync::atomic::Ordering::SeqCst)
     }
 }
+
+/// A TCP relay on a fixed loopback port that can be taken down (connections
+/// refused, open ones cut) and brought back: an upstream that goes away and returns.
+pub struct Relay {
+    port: u16,
+    target: SocketAddr,
+    /// The accept loop and every relayed connection, aborted on `down`.
+    tasks: Arc<Mutex<Vec<tokio::task::JoinHandle<()>>>>,
+}
+
+impl Relay {
+    /// Relays a free loopback port to `target`.
+    pub async fn start(target: SocketAddr) -> Relay {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind relay");
+        let port = listener.local_addr().expect("local addr").port();
+        let relay = Relay {
+            port,
+            target,
+            tasks: Arc::default(),
+        };
+        relay.serve(listener);
+        relay
+    }
+
+    fn serve(&self, listener: tokio::net::TcpListener) {
+        let (target, tasks) = (self.target, self.tasks.clone());
+        let accept = tokio::spawn(async move {
+            while let Ok((mut inbound, _)) = listener.accept().await {
+                let conn = tokio::spawn(async move {
+                    if let Ok(mut outbound) = tokio::net::TcpStream::connect(target).await {
+                        let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                    }
+                });
+                tasks.lock().unwrap().push(conn);
+            }
+        });
+        self.tasks.lock().unwrap().push(accept);
+    }
+
+    /// `http://127.0.0.1:PORT`
+    pub fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    /// Stops listening and cuts every open connection.
+    pub async fn down(&self) {
+        let tasks: Vec<_> = self.tasks.lock().unwrap().drain(..).collect();
+        for t in tasks {
+            t.abort();
+            let _ = t.await;
+        }
+    }
+
+    /// Listens again on the same port.
+    pub async fn up(&self) {
+        let listener = super::wait_until(
+            "the relay's port to bind again",
+            super::READY_TIMEOUT,
+            || async {
+                tokio::net::TcpListener::bind(("127.0.0.1", self.port))
+                    .await
+                    .ok()
+            },
+        )
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+        self.serve(listener);
+    }
+}
+
+/// An upstream that accepts connections and never answers: the hanging upstream.
+pub struct Silent {
+    addr: SocketAddr,
+}
+
+impl Silent {
+    /// Starts it on a free loopback port; it stops with the test's runtime.
+    pub async fn start() -> Silent {
+        use tokio::io::AsyncReadExt;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind silent upstream");
+        let addr = listener.local_addr().expect("local addr");
+        tokio::spawn(async move {
+            while let Ok((mut socket, _)) = listener.accept().await {
+                tokio::spawn(async move {
+                    let mut buf = [0u8; 4096];
+                    while matches!(socket.read(&mut buf).await, Ok(n) if n > 0) {}
+                });
+            }
+        });
+        Silent { addr }
+    }
+
+    /// `http://127.0.0.1:PORT`
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+}
+
+/// An upstream that answers `200` with a body it cuts off half way (the
+/// connection closes mid-body): a reset.
+pub struct Cutting {
+    addr: SocketAddr,
+}
+
+impl Cutting {
+    /// Starts it on a free loopback port; it stops with the test's runtime.
+    pub async fn start() -> Cutting {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind cutting upstream");
+        let addr = listener.local_addr().expect("local addr");
+        tokio::spawn(async move {
+            while let Ok((mut socket, _)) = listener.accept().await {
+                tokio::spawn(async move {
+                    let mut buf = [0u8; 4096];
+                    let _ = socket.read(&mut buf).await;
+                    let head = "HTTP/1.1 200 OK\r\nContent-Type: application/vnd.oci.image.manifest.v1+json\r\nContent-Length: 1000\r\n\r\n";
+                    let _ = socket.write_all(head.as_bytes()).await;
+                    let _ = socket.write_all(&[b'{'; 100]).await;
+                    // Dropping the socket here closes it 900 bytes short.
+                });
+            }
+        });
+        Cutting { addr }
+    }
+
+    /// `http://127.0.0.1:PORT`
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+}
