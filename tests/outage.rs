@@ -309,3 +309,54 @@ async fn offline_never_contacts_upstream_and_serves_the_store() {
     let seen = rig.front.settled(Duration::from_millis(200)).await;
     assert!(seen.is_empty(), "offline never reaches upstream: {seen:#?}");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_low_rate_limit_budget_stretches_revalidation() {
+    let img = Image::single(68);
+    let mut rig = Rig::start_with(
+        Registry::anonymous().image("library/budget", "1", img.clone()),
+        |c| {
+            c.tag_ttl("0s")
+                .prefetch(false)
+                .upstream_option("ratelimit_reserve", "10")
+        },
+    )
+    .await;
+    let path = "/v2/library/budget/manifests/1";
+    // Plenty left: every pull of an expired tag revalidates.
+    rig.front
+        .set_mode(Mode::Directives(
+            "proxy_buffering off;\nadd_header ratelimit-limit \"100;w=21600\" always;\nadd_header ratelimit-remaining \"50;w=21600\" always;".into(),
+        ))
+        .await;
+    for _ in 0..3 {
+        assert_eq!(rig.request(Method::GET, path, &[ALL]).await.status, 200);
+    }
+    assert_eq!(
+        rig.front.count("HEAD", path),
+        3,
+        "{:#?}",
+        rig.front.requests()
+    );
+    // Docker Hub says 5 pulls are left in the window: the cache stops spending them on tags.
+    rig.front
+        .set_mode(Mode::Directives(
+            "proxy_buffering off;\nadd_header ratelimit-limit \"100;w=21600\" always;\nadd_header ratelimit-remaining \"5;w=21600\" always;".into(),
+        ))
+        .await;
+    assert_eq!(rig.request(Method::GET, path, &[ALL]).await.status, 200);
+    rig.quiesce().await;
+    for _ in 0..5 {
+        let r = rig.request(Method::GET, path, &[ALL]).await;
+        assert_eq!((r.status, &r.body[..]), (200, &img.manifest()[..]));
+        assert!(
+            r.header("warning").is_some(),
+            "served unrevalidated, and says so"
+        );
+    }
+    let seen = rig.front.settled(Duration::from_millis(200)).await;
+    assert!(
+        seen.is_empty(),
+        "no HEADs while the budget is low: {seen:#?}"
+    );
+}
