@@ -269,7 +269,7 @@ impl Cache {
                     && policy.max_stale.is_none_or(|max| age(r) <= max)
             })
         };
-        let result = match self.revalidate(up, repo, tag).await {
+        let result = match self.revalidate(up, repo, tag, old.is_none()).await {
             Ok(record) => self.serve_tag(up, repo, tag, &record, accept, false).await,
             Err(e) => Err(e),
         };
@@ -323,6 +323,7 @@ impl Cache {
         up: &Upstream,
         repo: &RepoName,
         tag: &Tag,
+        cold: bool,
     ) -> Result<TagRecord, CacheError> {
         let key = (up.name().to_string(), repo.clone(), tag.clone());
         let cell = {
@@ -334,7 +335,11 @@ impl Cache {
             map.entry(key.clone()).or_default().clone()
         };
         let result = cell
-            .get_or_init(|| async { self.refresh_tag(up, repo, tag).await.map_err(Arc::new) })
+            .get_or_init(|| async {
+                self.refresh_tag(up, repo, tag, cold)
+                    .await
+                    .map_err(Arc::new)
+            })
             .await
             .clone();
         {
@@ -353,15 +358,29 @@ impl Cache {
     /// Asks upstream what `tag` points to now, makes sure the manifest it names
     /// is in the store, and only then records the mapping: a failure fetching
     /// the manifest leaves the old mapping to serve stale.
+    ///
+    /// A tag never seen costs one request (a `GET` by tag: the manifest is needed
+    /// anyway); a known one a `HEAD`, plus a `GET` by digest only if it moved.
     async fn refresh_tag(
         &self,
         up: &Upstream,
         repo: &RepoName,
         tag: &Tag,
+        cold: bool,
     ) -> Result<TagRecord, CacheError> {
-        let record = self.head_tag(up, repo, tag).await?;
-        let digest = self.record_digest(&record)?;
-        self.manifest_by_digest(up, repo, &digest).await?;
+        let record = if cold {
+            let m = self.fetch_by_tag(up, repo, tag, MANIFEST_TYPES).await?;
+            TagRecord {
+                digest: m.digest.to_string(),
+                media_type: m.media_type,
+                fetched_at_ms: now_ms(),
+            }
+        } else {
+            let record = self.head_tag(up, repo, tag).await?;
+            let digest = self.record_digest(&record)?;
+            self.manifest_by_digest(up, repo, &digest).await?;
+            record
+        };
         self.inner
             .store
             .index()
@@ -427,8 +446,26 @@ impl Cache {
     ) -> Result<Manifest, CacheError> {
         let resp = up.manifest(Method::GET, repo, tag.as_str(), accept).await?;
         let media_type = header_str(&resp, CONTENT_TYPE).unwrap_or_default();
+        // A signed schema 1 manifest's digest covers its payload without the
+        // signatures, not the bytes: nothing to check it against.
+        let claimed = header_str(&resp, DOCKER_CONTENT_DIGEST)
+            .and_then(|d| d.parse::<Digest>().ok())
+            .filter(|_| !media_type.contains("prettyjws"));
         let bytes = read_manifest_body(up, resp).await?;
-        let digest = Digest::sha256_of(&bytes);
+        let digest = match &claimed {
+            Some(claimed) => claimed.same_algorithm_of(&bytes),
+            None => Digest::sha256_of(&bytes),
+        };
+        if claimed.as_ref().is_some_and(|c| *c != digest) {
+            return Err(up_error(
+                up,
+                UpstreamErrorKind::Invalid(format!(
+                    "manifest bytes do not match the Docker-Content-Digest upstream sent ({})",
+                    claimed.map(|c| c.to_string()).unwrap_or_default()
+                )),
+            )
+            .into());
+        }
         let store = &self.inner.store;
         if store.blob_size(&digest).is_none() {
             store.put_small(&digest, &bytes)?;
