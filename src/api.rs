@@ -9,6 +9,7 @@ pub use error::{ApiError, ErrorCode, Target};
 pub use route::{Endpoint, Route};
 
 use crate::cache::{Accept, ByteRange, Cache};
+use crate::metrics::{Route as RouteKind, Source};
 use crate::reference::Reference;
 use axum::body::Body;
 use axum::extract::{Path, Query, State};
@@ -34,6 +35,8 @@ pub fn router(cache: Cache) -> Router {
         .route("/v2/", any(version_check))
         .route("/v2/{*rest}", any(v2))
         .route("/", get(home))
+        .route("/metrics", get(metrics))
+        .layer(axum::middleware::from_fn_with_state(cache.clone(), measure))
         .with_state(cache)
         // Every answer, errors included, says which API it speaks.
         .layer(SetResponseHeaderLayer::overriding(
@@ -47,6 +50,47 @@ pub fn router(cache: Cache) -> Router {
                 .on_response(DefaultOnResponse::new().level(Level::INFO)),
         )
         .layer(SetRequestIdLayer::new(REQUEST_ID, MakeRequestUuid))
+}
+
+/// Counts and times every request by route kind and status class.
+async fn measure(
+    State(cache): State<Cache>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let path = request.uri().path();
+    let route = if !path.starts_with("/v2/") {
+        RouteKind::other
+    } else if path.contains("/manifests/") {
+        RouteKind::manifest
+    } else if path.contains("/blobs/") {
+        RouteKind::blob
+    } else if path.ends_with("/tags/list") {
+        RouteKind::tags
+    } else {
+        RouteKind::other
+    };
+    let started = std::time::Instant::now();
+    let response = next.run(request).await;
+    cache.metrics().request(
+        route,
+        response.status().as_u16(),
+        started.elapsed().as_secs_f64(),
+    );
+    response
+}
+
+async fn metrics(State(cache): State<Cache>) -> impl IntoResponse {
+    let text = cache
+        .metrics()
+        .encode(cache.upstreams(), cache.flights().in_progress());
+    (
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        text,
+    )
 }
 
 async fn home() -> &'static str {
@@ -99,6 +143,9 @@ async fn v2(
             .map_err(ApiError::cache(Target::Manifest))?;
             if !head {
                 cache.prefetch(up, &repo, &manifest);
+                cache
+                    .metrics()
+                    .served(Source::store, manifest.bytes.len() as u64);
             }
             let mut r = if head {
                 Body::empty().into_response()

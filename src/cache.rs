@@ -17,6 +17,7 @@ pub use accept::{Accept, MANIFEST_TYPES};
 
 use crate::config::CacheConfig;
 use crate::flight::{self, BodyStream, FlightError, Flights, Role};
+use crate::metrics::{Metrics, Outcome, Route, Source};
 use crate::reference::{Digest, RepoName, Tag};
 use crate::store::{ManifestRecord, Store, StoreError, TagRecord};
 use crate::upstream::{Answer, TagList, Upstream, UpstreamError, UpstreamErrorKind, Upstreams};
@@ -100,6 +101,17 @@ pub struct BlobAnswer {
     pub body: Option<BodyStream>,
 }
 
+/// Counts a body's bytes into `served_bytes` as they go out.
+fn counted(body: BodyStream, metrics: &Metrics, source: Source) -> BodyStream {
+    use futures_util::StreamExt;
+    let metrics = metrics.clone();
+    Box::pin(body.inspect(move |chunk| {
+        if let Ok(bytes) = chunk {
+            metrics.served(source, bytes.len() as u64);
+        }
+    }))
+}
+
 /// A `Range` request that cannot be satisfied.
 #[derive(Debug, Clone, Copy)]
 pub struct Unsatisfiable {
@@ -175,6 +187,7 @@ struct Inner {
     revalidations: std::sync::Mutex<HashMap<(String, RepoName, Tag), Revalidation>>,
     upstreams: Upstreams,
     policy: CacheConfig,
+    metrics: Metrics,
     /// Bounds prefetch downloads per upstream (by configured name).
     prefetch_slots: HashMap<String, Arc<tokio::sync::Semaphore>>,
 }
@@ -206,7 +219,7 @@ fn header_str(resp: &Answer, name: impl reqwest::header::AsHeaderName) -> Option
 
 impl Cache {
     /// A cache over `store`, fetching from `upstreams`, with the `[cache]` policy.
-    pub fn new(store: Store, upstreams: Upstreams, policy: CacheConfig) -> Cache {
+    pub fn new(store: Store, upstreams: Upstreams, policy: CacheConfig, metrics: Metrics) -> Cache {
         let prefetch_slots = upstreams
             .all()
             .iter()
@@ -222,9 +235,15 @@ impl Cache {
                 revalidations: Default::default(),
                 upstreams,
                 policy,
+                metrics,
                 prefetch_slots,
             }),
         }
+    }
+
+    /// The metrics.
+    pub fn metrics(&self) -> &Metrics {
+        &self.inner.metrics
     }
 
     /// The configured upstreams.
@@ -304,6 +323,10 @@ impl Cache {
         let digest = self.record_digest(record)?;
         let mut manifest = self.manifest_by_digest(up, repo, &digest).await?;
         manifest.stale = stale;
+        if stale {
+            self.inner.metrics.stale_served(up.name());
+            self.inner.metrics.outcome(Route::manifest, Outcome::stale);
+        }
         Ok(manifest)
     }
 
@@ -336,6 +359,9 @@ impl Cache {
         };
         let result = cell
             .get_or_init(|| async {
+                self.inner
+                    .metrics
+                    .outcome(Route::manifest, Outcome::revalidated);
                 self.refresh_tag(up, repo, tag, cold)
                     .await
                     .map_err(Arc::new)
@@ -493,9 +519,11 @@ impl Cache {
         digest: &Digest,
     ) -> Result<Manifest, CacheError> {
         let store = &self.inner.store;
+        let metrics = &self.inner.metrics;
         if store.blob_size(digest).is_some() {
             if let Some(record) = store.index().manifest(digest)? {
                 self.confirm(up, repo, digest, true).await?;
+                metrics.outcome(Route::manifest, Outcome::hit);
                 return self.stored_manifest(digest, record.media_type);
             }
         }
@@ -504,8 +532,12 @@ impl Cache {
             .flights
             .join(store, up.name(), digest, repo.as_str())
         {
-            Role::Reader(flight) => flight,
+            Role::Reader(flight) => {
+                metrics.outcome(Route::manifest, Outcome::coalesced);
+                flight
+            }
             Role::Leader(permit) => {
+                metrics.outcome(Route::manifest, Outcome::miss);
                 let flight = permit.flight().clone();
                 let resp = match up
                     .manifest(Method::GET, repo, &digest.to_string(), MANIFEST_TYPES)
@@ -603,7 +635,13 @@ impl Cache {
         on_commit: flight::OnCommit,
     ) {
         let name = up.name().to_string();
-        let body = resp.bytes_stream().map_err(move |e| {
+        let metrics = self.inner.metrics.clone();
+        let body = resp.bytes_stream().map_ok(move |chunk| {
+            metrics.upstream_bytes(&name, chunk.len() as u64);
+            chunk
+        });
+        let name = up.name().to_string();
+        let body = body.map_err(move |e| {
             FlightError::from(UpstreamError {
                 upstream: name.clone(),
                 kind: crate::upstream::transport_kind(&e),
@@ -614,14 +652,19 @@ impl Cache {
         } else {
             flight::WhenUnwanted::Stop
         };
-        tokio::spawn(flight::download(
+        let (flight, metrics) = (permit.flight().clone(), self.inner.metrics.clone());
+        let download = flight::download(
             permit,
             self.inner.store.clone(),
             limits,
             body,
             on_commit,
             when_unwanted,
-        ));
+        );
+        tokio::spawn(async move {
+            download.await;
+            metrics.flight_finished(flight.readers_served());
+        });
     }
 
     /// A blob (or a range of it); `head` asks for the size only.
@@ -634,8 +677,10 @@ impl Cache {
         head: bool,
     ) -> Result<Result<BlobAnswer, Unsatisfiable>, CacheError> {
         let store = &self.inner.store;
+        let metrics = &self.inner.metrics;
         if store.blob_size(digest).is_some() {
             self.confirm(up, repo, digest, false).await?;
+            metrics.outcome(Route::blob, Outcome::hit);
             return Ok(self.stored_blob(digest, range, head)?);
         }
         if head {
@@ -654,6 +699,7 @@ impl Cache {
         {
             Role::Reader(flight) => {
                 self.confirm_reader(up, repo, &flight).await?;
+                metrics.outcome(Route::blob, Outcome::coalesced);
                 flight
             }
             Role::Leader(permit) => {
@@ -661,8 +707,10 @@ impl Cache {
                 if let Some(size) = store.blob_size(digest) {
                     permit.already_stored(size);
                     self.confirm(up, repo, digest, false).await?;
+                    metrics.outcome(Route::blob, Outcome::hit);
                     return Ok(self.stored_blob(digest, range, head)?);
                 }
+                metrics.outcome(Route::blob, Outcome::miss);
                 self.lead_blob(up, repo, permit).await?
             }
         };
@@ -677,7 +725,7 @@ impl Cache {
         Ok(Ok(BlobAnswer {
             size,
             range: served,
-            body: Some(flight.read(start, end)),
+            body: Some(counted(flight.read(start, end), metrics, Source::flight)),
         }))
     }
 
@@ -759,6 +807,7 @@ impl Cache {
                     return Ok(());
                 }
                 // Hold the slot until the download ends, so the bound means something.
+                self.inner.metrics.prefetch_started();
                 self.lead_blob(up, repo, permit).await?.finished().await?;
                 Ok(())
             }
@@ -801,7 +850,13 @@ impl Cache {
         Ok(Ok(BlobAnswer {
             size: Some(size),
             range: served,
-            body: (!head).then(|| flight::read_file(file, start, end)),
+            body: (!head).then(|| {
+                counted(
+                    flight::read_file(file, start, end),
+                    &self.inner.metrics,
+                    Source::store,
+                )
+            }),
         }))
     }
 

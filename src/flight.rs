@@ -149,12 +149,19 @@ pub struct Flight {
     /// Clients reading it now, and whether any ever did (prefetches have none).
     readers: AtomicUsize,
     had_reader: std::sync::atomic::AtomicBool,
+    /// Every client that read from it, for the coalescing metric.
+    served: AtomicUsize,
 }
 
 impl Flight {
     /// The digest being downloaded.
     pub fn digest(&self) -> &Digest {
         &self.digest
+    }
+
+    /// How many clients have read from it.
+    pub fn readers_served(&self) -> usize {
+        self.served.load(Ordering::Relaxed)
     }
 
     /// The repository whose request started the download.
@@ -199,6 +206,7 @@ impl Flight {
         let (tx, rx) = mpsc::channel(BODY_QUEUE);
         let handle = tokio::runtime::Handle::current();
         self.readers.fetch_add(1, Ordering::SeqCst);
+        self.served.fetch_add(1, Ordering::Relaxed);
         self.had_reader.store(true, Ordering::SeqCst);
         tokio::task::spawn_blocking(move || {
             if let Err(e) = self.pump(&handle, start, end, &tx) {
@@ -369,6 +377,7 @@ impl Flights {
             state: watch::channel(State::Starting).0,
             readers: AtomicUsize::new(0),
             had_reader: false.into(),
+            served: AtomicUsize::new(0),
         });
         map.insert(key.clone(), flight.clone());
         Role::Leader(Permit {

@@ -16,7 +16,8 @@
 //! - [`cache`]: what to serve from the store and when to ask upstream.
 //! - [`flight`]: one upstream download per digest, tailed by every reader.
 //! - [`store`]: content-addressed files and the index.
-//! - [`upstream`]: registry clients with the token flow.
+//! - [`upstream`]: registry clients with the token flow and health.
+//! - [`metrics`]: Prometheus metrics, read by `/metrics`.
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
@@ -24,6 +25,7 @@ pub mod api;
 pub mod cache;
 pub mod config;
 pub mod flight;
+pub mod metrics;
 pub mod reference;
 pub mod store;
 pub mod upstream;
@@ -47,8 +49,15 @@ pub enum ServeError {
 /// Builds the cache described by `config`.
 pub fn build(config: &config::Config) -> Result<cache::Cache, ServeError> {
     let store = store::Store::open(&config.storage.path)?;
-    let upstreams = upstream::Upstreams::new(&config.upstreams, &config.default_upstream)?;
-    Ok(cache::Cache::new(store, upstreams, config.cache.clone()))
+    let metrics = metrics::Metrics::new();
+    let upstreams =
+        upstream::Upstreams::new(&config.upstreams, &config.default_upstream, &metrics)?;
+    Ok(cache::Cache::new(
+        store,
+        upstreams,
+        config.cache.clone(),
+        metrics,
+    ))
 }
 
 /// Serves the pull API on `listener` until `shutdown` completes.

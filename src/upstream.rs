@@ -125,6 +125,7 @@ pub struct Upstream {
     slots: Arc<Semaphore>,
     health: Health,
     offline: bool,
+    metrics: crate::metrics::Metrics,
 }
 
 /// A successful upstream answer, holding one of the upstream's connection slots
@@ -166,7 +167,10 @@ impl Answer {
 
 impl Upstream {
     /// Builds the client for one `[[upstreams]]` entry (already validated).
-    pub fn new(config: &UpstreamConfig) -> Result<Upstream, UpstreamError> {
+    pub fn new(
+        config: &UpstreamConfig,
+        metrics: &crate::metrics::Metrics,
+    ) -> Result<Upstream, UpstreamError> {
         let error = |kind| UpstreamError {
             upstream: config.name.clone(),
             kind,
@@ -212,6 +216,7 @@ impl Upstream {
                 ratelimit_reserve: config.ratelimit_reserve,
             }),
             offline: config.offline,
+            metrics: metrics.clone(),
         })
     }
 
@@ -223,6 +228,11 @@ impl Upstream {
     /// Circuit and rate-limit state.
     pub fn health(&self) -> &Health {
         &self.health
+    }
+
+    /// The metrics this upstream reports to.
+    pub fn metrics(&self) -> &crate::metrics::Metrics {
+        &self.metrics
     }
 
     /// Whether this upstream is never contacted.
@@ -378,10 +388,16 @@ impl Upstream {
             if let Some(value) = &sent {
                 req = req.header(AUTHORIZATION, value.clone());
             }
-            let resp = req
-                .send()
-                .await
-                .map_err(|e| self.error(transport_kind(&e)))?;
+            let started = std::time::Instant::now();
+            let sent_at = req.send().await;
+            let status = sent_at.as_ref().ok().map(|r| r.status().as_u16());
+            self.metrics.upstream_request(
+                &self.name,
+                method.as_str(),
+                status,
+                started.elapsed().as_secs_f64(),
+            );
+            let resp = sent_at.map_err(|e| self.error(transport_kind(&e)))?;
             self.health.observe_ratelimit(resp.headers());
             if resp.status() == StatusCode::UNAUTHORIZED && !answered_challenge {
                 answered_challenge = true;
@@ -394,10 +410,14 @@ impl Upstream {
                 let Some(challenge) = challenge else {
                     return Err(self.error(UpstreamErrorKind::Unauthorized));
                 };
-                self.auth
+                let fetched = self
+                    .auth
                     .answer(&self.client, &challenge, &scope, sent.as_ref())
                     .await
                     .map_err(|kind| self.error(kind))?;
+                if fetched {
+                    self.metrics.token_fetched(&self.name);
+                }
                 continue;
             }
             let status = resp.status();
@@ -460,10 +480,14 @@ pub struct Upstreams {
 
 impl Upstreams {
     /// Builds a client for every configured upstream.
-    pub fn new(configs: &[UpstreamConfig], default: &str) -> Result<Upstreams, UpstreamError> {
+    pub fn new(
+        configs: &[UpstreamConfig],
+        default: &str,
+        metrics: &crate::metrics::Metrics,
+    ) -> Result<Upstreams, UpstreamError> {
         let list = configs
             .iter()
-            .map(|c| Upstream::new(c).map(std::sync::Arc::new))
+            .map(|c| Upstream::new(c, metrics).map(std::sync::Arc::new))
             .collect::<Result<Vec<_>, _>>()?;
         let default = configs
             .iter()

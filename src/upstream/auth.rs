@@ -112,14 +112,15 @@ impl Auth {
 
     /// Answers a challenge so that the next request for `scope` is authorised.
     /// `sent` is what the challenged request carried, so that a token another
-    /// client fetched meanwhile is used rather than fetched again.
+    /// client fetched meanwhile is used rather than fetched again. Says whether
+    /// a token was fetched.
     pub async fn answer(
         &self,
         client: &reqwest::Client,
         challenge: &Challenge,
         scope: &str,
         sent: Option<&HeaderValue>,
-    ) -> Result<(), UpstreamErrorKind> {
+    ) -> Result<bool, UpstreamErrorKind> {
         match challenge {
             Challenge::Basic => {
                 if self.basic.is_none() || sent.is_some() && sent == self.basic.as_ref() {
@@ -127,7 +128,7 @@ impl Auth {
                 }
                 self.use_basic
                     .store(true, std::sync::atomic::Ordering::Relaxed);
-                Ok(())
+                Ok(false)
             }
             Challenge::Bearer {
                 realm,
@@ -137,7 +138,7 @@ impl Auth {
                 let _one_at_a_time = self.fetching.lock().await;
                 if let Some(current) = self.header_for(scope) {
                     if Some(&current) != sent {
-                        return Ok(()); // fetched by another client while we waited
+                        return Ok(false); // fetched by another client while we waited
                     }
                 }
                 let scope_to_ask = asked.as_deref().unwrap_or(scope);
@@ -148,7 +149,7 @@ impl Auth {
                     .lock()
                     .expect("token cache poisoned")
                     .insert(scope.to_string(), token);
-                Ok(())
+                Ok(true)
             }
         }
     }

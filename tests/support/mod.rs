@@ -7,6 +7,7 @@
 //! - [`storage`]: a blob storage host that registries redirect to, recording `Authorization`.
 //! - [`front`]: nginx in front of an upstream, counting requests and injecting faults.
 //! - [`cache`]: the cache under test, in-process on a free port.
+//! - [`exposition`]: a parser for the Prometheus text format.
 //! - [`clients`]: skopeo, containerd (`ctr`) and podman, each in its own temp dirs.
 //!
 //! Everything binds 127.0.0.1 on OS-assigned ports, waits for readiness with a deadline
@@ -16,6 +17,7 @@
 
 pub mod cache;
 pub mod clients;
+pub mod exposition;
 pub mod front;
 pub mod images;
 pub mod registry;

@@ -1,0 +1,175 @@
+//! `/metrics`: the exposition (parsed, not grepped) tells what the cache did,
+//! against the real upstream and the fault front.
+
+mod support;
+
+use futures_util::future::join_all;
+use reqwest::Method;
+use std::time::Duration;
+use support::cache::{stream_digest, Rig};
+use support::exposition::Exposition;
+use support::front::Mode;
+use support::images::{media, Image};
+use support::registry::Registry;
+
+const ALL: (&str, &str) = ("accept", media::ACCEPT_ALL);
+
+async fn scrape(rig: &Rig) -> Exposition {
+    let r = rig.request(Method::GET, "/metrics", &[]).await;
+    assert_eq!(r.status, 200);
+    assert!(r
+        .header("content-type")
+        .unwrap_or_default()
+        .starts_with("text/plain"));
+    Exposition::parse(&String::from_utf8_lossy(&r.body))
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_exposition_counts_hits_misses_coalescing_and_stale_serves() {
+    const N: usize = 8;
+    let img = Image::builder(71).layers(&[2 * 1024 * 1024]).build();
+    let layer = img.layers()[0].clone();
+    let mut rig = Rig::start_with(
+        Registry::anonymous().image("library/m", "1", img.clone()),
+        |c| c.prefetch(false).tag_ttl("0s"),
+    )
+    .await;
+    // A coalesced burst: N concurrent GETs of one cold blob.
+    let url = format!("{}/v2/library/m/blobs/{}", rig.cache.url(), layer.digest);
+    for got in join_all((0..N).map(|_| stream_digest(&url, &[]))).await {
+        assert_eq!(got.digest, layer.digest);
+    }
+    let m = scrape(&rig).await;
+    let blob = |outcome| {
+        m.value(
+            "pullthrough_cache_outcomes_total",
+            &[("kind", "blob"), ("outcome", outcome)],
+        )
+    };
+    assert_eq!(blob("miss"), 1.0);
+    assert_eq!(blob("coalesced"), (N - 1) as f64);
+    let blob_gets = m.value(
+        "pullthrough_upstream_requests_total",
+        &[
+            ("upstream", "docker.io"),
+            ("method", "GET"),
+            ("status", "2xx"),
+        ],
+    );
+    assert_eq!(blob_gets, 1.0, "one upstream GET for the burst");
+    assert_eq!(
+        m.value("pullthrough_served_bytes_total", &[("source", "flight")]),
+        (N as u64 * layer.size()) as f64
+    );
+    assert_eq!(
+        m.value("pullthrough_upstream_bytes_total", &[]),
+        layer.size() as f64
+    );
+    assert_eq!(m.value("pullthrough_flight_readers_count", &[]), 1.0);
+    assert_eq!(m.value("pullthrough_flight_readers_sum", &[]), N as f64);
+
+    // A warm pull: a hit, served from the store.
+    assert_eq!(stream_digest(&url, &[]).await.digest, layer.digest);
+    let m = scrape(&rig).await;
+    assert_eq!(
+        m.value(
+            "pullthrough_cache_outcomes_total",
+            &[("kind", "blob"), ("outcome", "hit")]
+        ),
+        1.0
+    );
+    assert_eq!(
+        m.value("pullthrough_served_bytes_total", &[("source", "store")]),
+        layer.size() as f64
+    );
+
+    // A cold tag pull, then a stale serve while upstream answers 503.
+    let path = "/v2/library/m/manifests/1";
+    assert_eq!(rig.request(Method::GET, path, &[ALL]).await.status, 200);
+    rig.front.set_mode(Mode::Status503).await;
+    let stale = rig.request(Method::GET, path, &[ALL]).await;
+    assert!(stale.header("warning").is_some());
+    let m = scrape(&rig).await;
+    assert_eq!(
+        m.value(
+            "pullthrough_stale_served_total",
+            &[("upstream", "docker.io")]
+        ),
+        1.0
+    );
+    assert_eq!(
+        m.value(
+            "pullthrough_cache_outcomes_total",
+            &[("kind", "manifest"), ("outcome", "revalidated")]
+        ),
+        2.0
+    );
+    assert!(m.value("pullthrough_upstream_requests_total", &[("status", "5xx")]) >= 1.0);
+    assert_eq!(
+        m.value(
+            "pullthrough_http_requests_total",
+            &[("route", "manifest"), ("status", "2xx")]
+        ),
+        2.0
+    );
+    assert_eq!(
+        m.value(
+            "pullthrough_http_requests_total",
+            &[("route", "blob"), ("status", "2xx")]
+        ),
+        (N + 1) as f64
+    );
+    assert!(m.has("pullthrough_upstream_circuit_state"));
+    assert_eq!(m.value("pullthrough_flights_in_progress", &[]), 0.0);
+    rig.front.settled(Duration::from_millis(100)).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn rate_limit_headroom_and_circuit_state_are_exposed() {
+    let mut rig = Rig::start_with(
+        Registry::anonymous().image("library/r", "1", Image::single(72)),
+        |c| {
+            c.upstream_option("failures_to_open", "1")
+                .upstream_option("retries", "0")
+                .upstream_option("open_for", "\"10m\"")
+        },
+    )
+    .await;
+    rig.front
+        .set_mode(Mode::Directives(
+            "proxy_buffering off;\nadd_header ratelimit-limit \"100;w=21600\" always;\nadd_header ratelimit-remaining \"42;w=21600\" always;".into(),
+        ))
+        .await;
+    assert_eq!(
+        rig.request(Method::GET, "/v2/library/r/manifests/1", &[ALL])
+            .await
+            .status,
+        200
+    );
+    let m = scrape(&rig).await;
+    let up = [("upstream", "docker.io")];
+    assert_eq!(m.value("pullthrough_upstream_ratelimit_limit", &up), 100.0);
+    assert_eq!(
+        m.value("pullthrough_upstream_ratelimit_remaining", &up),
+        42.0
+    );
+    assert_eq!(
+        m.value("pullthrough_upstream_circuit_state", &up),
+        0.0,
+        "closed"
+    );
+    rig.front.set_mode(Mode::Status503).await;
+    let r = rig
+        .request(Method::GET, "/v2/library/r/manifests/other", &[ALL])
+        .await;
+    assert_eq!(r.status, 503);
+    let m = scrape(&rig).await;
+    assert_eq!(
+        m.value("pullthrough_upstream_circuit_state", &up),
+        2.0,
+        "open"
+    );
+    let text =
+        String::from_utf8_lossy(&rig.request(Method::GET, "/metrics", &[]).await.body).to_string();
+    assert!(!text.contains("library/"), "no repository names in labels");
+}
