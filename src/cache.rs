@@ -450,7 +450,9 @@ impl Cache {
         Ok(record)
     }
 
-    /// What upstream serves for `tag` to a client with this `Accept` (not recorded as the tag).
+    /// What upstream serves for `tag` to a client with this `Accept`. Recorded
+    /// apart from the tag (as a variant for that `Accept`), under the same ttl and
+    /// stale rules, so such clients cost no more upstream requests than others.
     async fn manifest_for_accept(
         &self,
         up: &Upstream,
@@ -458,8 +460,33 @@ impl Cache {
         tag: &Tag,
         accept: &Accept,
     ) -> Result<Manifest, CacheError> {
-        self.fetch_by_tag(up, repo, tag, &accept.header_value())
-            .await
+        let accept = accept.header_value();
+        let index = self.inner.store.index();
+        let old = index.variant(up.name(), repo, tag, &accept)?;
+        let age = |r: &TagRecord| Duration::from_millis(now_ms().saturating_sub(r.fetched_at_ms));
+        if let Some(r) = old.as_ref().filter(|r| age(r) < self.inner.policy.tag_ttl) {
+            let digest = self.record_digest(r)?;
+            return self.manifest_by_digest(up, repo, &digest).await;
+        }
+        match self.fetch_by_tag(up, repo, tag, &accept).await {
+            Ok(m) => {
+                let record = TagRecord {
+                    digest: m.digest.to_string(),
+                    media_type: m.media_type.clone(),
+                    fetched_at_ms: now_ms(),
+                };
+                index.set_variant(up.name(), repo, tag, &accept, &record)?;
+                Ok(m)
+            }
+            Err(e) if e.is_upstream() && !e.is_not_found() && old.is_some() => {
+                let digest = self.record_digest(old.as_ref().expect("checked"))?;
+                let mut m = self.manifest_by_digest(up, repo, &digest).await?;
+                m.stale = true;
+                self.inner.metrics.stale_served(up.name());
+                Ok(m)
+            }
+            Err(e) => Err(e),
+        }
     }
 
     /// `GET`s a manifest by tag, stores it under the digest of its bytes.

@@ -709,3 +709,34 @@ async fn blob_heads_carry_the_same_headers_as_gets_cached_or_not() {
         Some(layer.digest.as_str())
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_client_without_list_support_costs_no_more_upstream_requests_than_others() {
+    let list = Image::docker_list(20);
+    let rig = Rig::start_with(
+        Registry::anonymous().image("library/old", "1", list.clone()),
+        |c| c.prefetch(false),
+    )
+    .await;
+    let path = "/v2/library/old/manifests/1";
+    assert_eq!(rig.request(Method::GET, path, &[ALL]).await.status, 200);
+    let only_v2 = ("accept", media::DOCKER_MANIFEST);
+    let first = rig.request(Method::GET, path, &[only_v2]).await;
+    let theirs = rig.request_upstream(Method::GET, path, &[only_v2]).await;
+    assert_eq!(
+        (first.status, first.header("content-type")),
+        (theirs.status, theirs.header("content-type"))
+    );
+    assert_eq!(first.body, theirs.body);
+    rig.quiesce().await;
+    let again = rig.request(Method::GET, path, &[only_v2]).await;
+    assert_eq!(again.body, first.body);
+    let seen = rig
+        .front
+        .settled(std::time::Duration::from_millis(200))
+        .await;
+    assert!(
+        seen.is_empty(),
+        "a fresh tag costs no upstream request, whatever the Accept: {seen:#?}"
+    );
+}

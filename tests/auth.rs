@@ -195,3 +195,29 @@ async fn blob_redirects_are_followed_without_the_registry_credentials() {
         "the registry was asked first"
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_token_is_reused_until_it_expires_then_fetched_again() {
+    let img = Image::single(36);
+    let rig = Rig::start_with(
+        Registry::token()
+            .token_lifetime(2)
+            .image("library/exp", "1", img.clone()),
+        |c| c.prefetch(false),
+    )
+    .await;
+    let tokens = rig.upstream.token_server().unwrap();
+    let before = tokens.issued();
+    let blob = |i: usize| format!("/v2/library/exp/blobs/{}", img.own_blobs()[i % 2].digest);
+    for i in 0..4 {
+        assert_eq!(rig.request(Method::GET, &blob(i), &[]).await.status, 200);
+    }
+    assert_eq!(tokens.issued() - before, 1, "reused while valid");
+    // A 2 s token is kept for half its life; past it the next request fetches a new one.
+    tokio::time::sleep(std::time::Duration::from_millis(2500)).await;
+    let m = rig
+        .request(Method::GET, "/v2/library/exp/manifests/1", &[ALL])
+        .await;
+    assert_eq!(m.status, 200);
+    assert_eq!(tokens.issued() - before, 2, "fetched again after expiry");
+}

@@ -116,13 +116,21 @@ async fn containerd_pulls_a_docker_manifest_list_for_another_platform() {
 #[tokio::test(flavor = "multi_thread")]
 async fn podman_pulls_through_a_registries_conf_mirror_and_a_second_pull_stays_local() {
     let img = Image::docker(25);
-    let rig = Rig::start(Registry::anonymous().image("library/pod", "1", img.clone())).await;
+    let multi = Image::multi_arch(26);
+    let rig = Rig::start(
+        Registry::anonymous()
+            .image("library/pod", "1", img.clone())
+            .image("library/podmulti", "1", multi.clone()),
+    )
+    .await;
     let first = Podman::new();
     first.mirror("docker.io", &rig.cache.host());
-    first
-        .pull("docker.io/library/pod:1")
-        .await
-        .unwrap_or_else(|e| panic!("first pull: {e}"));
+    for reference in ["docker.io/library/podmulti:1", "docker.io/library/pod:1"] {
+        first
+            .pull(reference)
+            .await
+            .unwrap_or_else(|e| panic!("first pull of {reference}: {e}"));
+    }
     let reached = upstream_requests(&rig).await;
     for blob in img.blobs() {
         assert!(
@@ -134,10 +142,12 @@ async fn podman_pulls_through_a_registries_conf_mirror_and_a_second_pull_stays_l
     rig.quiesce().await;
     let second = Podman::new();
     second.mirror("docker.io", &rig.cache.host());
-    second
-        .pull("docker.io/library/pod:1")
-        .await
-        .unwrap_or_else(|e| panic!("second pull: {e}"));
+    for reference in ["docker.io/library/podmulti:1", "docker.io/library/pod:1"] {
+        second
+            .pull(reference)
+            .await
+            .unwrap_or_else(|e| panic!("second pull of {reference}: {e}"));
+    }
     let seen = upstream_requests(&rig).await;
     assert!(
         seen.is_empty(),

@@ -360,3 +360,50 @@ async fn a_low_rate_limit_budget_stretches_revalidation() {
         "no HEADs while the budget is low: {seen:#?}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn max_stale_and_serve_stale_on_not_found_bound_stale_serving() {
+    let img = Image::single(69);
+    let rig_with = |extra: &'static [(&'static str, &'static str)]| {
+        let img = img.clone();
+        async move {
+            Rig::start_with(Registry::anonymous().image("library/s", "1", img), |c| {
+                let mut c = c.tag_ttl("0s");
+                for (k, v) in extra {
+                    c = c.cache_option(k, v);
+                }
+                c
+            })
+            .await
+        }
+    };
+    let path = "/v2/library/s/manifests/1";
+    // max_stale: a tag older than it is not served while upstream fails.
+    let mut rig = rig_with(&[("max_stale", "\"1s\"")]).await;
+    assert_eq!(rig.request(Method::GET, path, &[ALL]).await.status, 200);
+    rig.front.set_mode(Mode::Status503).await;
+    assert_eq!(
+        rig.request(Method::GET, path, &[ALL]).await.status,
+        200,
+        "young enough"
+    );
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(
+        rig.request(Method::GET, path, &[ALL]).await.status,
+        503,
+        "too old"
+    );
+    // Upstream says 404 for a tag we hold: refused by default, served when configured.
+    for (serve, expected) in [(false, 404), (true, 200)] {
+        let extra: &'static [(&str, &str)] = if serve {
+            &[("serve_stale_on_not_found", "true")]
+        } else {
+            &[]
+        };
+        let mut rig = rig_with(extra).await;
+        assert_eq!(rig.request(Method::GET, path, &[ALL]).await.status, 200);
+        rig.front.set_mode(Mode::Status(404)).await;
+        let r = rig.request(Method::GET, path, &[ALL]).await;
+        assert_eq!(r.status, expected, "serve_stale_on_not_found = {serve}");
+    }
+}

@@ -31,6 +31,8 @@ pub struct ManifestRecord {
 #[derive(Clone)]
 pub struct Index {
     tags: sled::Tree,
+    /// What a tag resolves to for clients whose `Accept` lacks the tag's own type.
+    variants: sled::Tree,
     manifests: sled::Tree,
     links: sled::Tree,
 }
@@ -51,6 +53,7 @@ impl Index {
         let db = sled::Config::new().path(path).open()?;
         Ok(Index {
             tags: db.open_tree("tags")?,
+            variants: db.open_tree("variants")?,
             manifests: db.open_tree("manifests")?,
             links: db.open_tree("links")?,
         })
@@ -81,6 +84,35 @@ impl Index {
             key(upstream, repo, tag.as_str()),
             serde_json::to_vec(record)?,
         )?;
+        Ok(())
+    }
+
+    /// What `tag` resolved to for clients sending `accept`, if recorded.
+    pub fn variant(
+        &self,
+        upstream: &str,
+        repo: &RepoName,
+        tag: &Tag,
+        accept: &str,
+    ) -> Result<Option<TagRecord>, StoreError> {
+        let k = key(upstream, repo, &format!("{tag}\0{accept}"));
+        match self.variants.get(k)? {
+            Some(v) => Ok(Some(serde_json::from_slice(&v)?)),
+            None => Ok(None),
+        }
+    }
+
+    /// Records what `tag` resolved to for clients sending `accept`.
+    pub fn set_variant(
+        &self,
+        upstream: &str,
+        repo: &RepoName,
+        tag: &Tag,
+        accept: &str,
+        record: &TagRecord,
+    ) -> Result<(), StoreError> {
+        let k = key(upstream, repo, &format!("{tag}\0{accept}"));
+        self.variants.insert(k, serde_json::to_vec(record)?)?;
         Ok(())
     }
 

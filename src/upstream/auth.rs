@@ -8,7 +8,7 @@ use crate::config::Credentials;
 use base64::Engine;
 use reqwest::header::{HeaderValue, AUTHORIZATION};
 use std::collections::HashMap;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 /// Tokens are dropped this long before they expire, so none expires in flight.
@@ -74,8 +74,10 @@ pub struct Auth {
     use_basic: std::sync::atomic::AtomicBool,
     /// A std mutex: only ever held to read or insert, never across an await.
     tokens: Mutex<HashMap<String, Token>>,
-    /// Serialises token fetches so a burst of clients makes one fetch, not one each.
-    fetching: tokio::sync::Mutex<()>,
+    /// One lock per scope: a burst of clients for a repository makes one token
+    /// fetch, not one each, while other repositories' fetches go on in parallel.
+    /// (The outer lock is std: held only to find or insert a scope's lock.)
+    fetching: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
 }
 
 impl Auth {
@@ -94,7 +96,7 @@ impl Auth {
             require_tls,
             use_basic: false.into(),
             tokens: Mutex::new(HashMap::new()),
-            fetching: tokio::sync::Mutex::new(()),
+            fetching: Mutex::new(HashMap::new()),
         }
     }
 
@@ -135,7 +137,14 @@ impl Auth {
                 service,
                 scope: asked,
             } => {
-                let _one_at_a_time = self.fetching.lock().await;
+                let lock = self
+                    .fetching
+                    .lock()
+                    .expect("token locks poisoned")
+                    .entry(scope.to_string())
+                    .or_default()
+                    .clone();
+                let _one_at_a_time = lock.lock().await;
                 if let Some(current) = self.header_for(scope) {
                     if Some(&current) != sent {
                         return Ok(false); // fetched by another client while we waited

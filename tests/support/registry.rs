@@ -36,6 +36,8 @@ enum Auth {
 pub struct RegistryBuilder {
     auth: Auth,
     images: Vec<(String, String, Image)>,
+    /// The token server's `expires_in`, if not its default.
+    token_lifetime: Option<u64>,
 }
 
 impl Registry {
@@ -121,7 +123,14 @@ impl RegistryBuilder {
         RegistryBuilder {
             auth,
             images: Vec::new(),
+            token_lifetime: None,
         }
+    }
+
+    /// Tokens the token server issues live this many seconds.
+    pub fn token_lifetime(mut self, seconds: u64) -> Self {
+        self.token_lifetime = Some(seconds);
+        self
     }
 
     /// Pushes `image` as `repo:tag` once the registry is up.
@@ -145,12 +154,14 @@ impl RegistryBuilder {
                 (Some(c.clone()), None, yaml)
             }
             Auth::Token(c) => {
-                let server = match c {
+                let mut server = match c {
                     Some(c) => TokenServer::with_credentials(&c.user, &c.pass),
                     None => TokenServer::anonymous(),
+                };
+                if let Some(seconds) = self.token_lifetime {
+                    server = server.expires_in(seconds);
                 }
-                .start()
-                .await;
+                let server = server.start().await;
                 let yaml = format!(
                     "auth:\n  token:\n    realm: {}\n    service: {}\n    issuer: {}\n    rootcertbundle: {}\n",
                     server.realm(),
