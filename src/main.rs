@@ -43,6 +43,78 @@ enum Command {
     },
     /// Print the embedded default configuration.
     DefaultConfig,
+    /// Re-hash every stored blob; report (and with --repair quarantine) mismatches.
+    /// Run it while the cache is stopped: the store is locked by a running cache.
+    Verify {
+        /// A TOML configuration file, for `[storage] path`.
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Data directory (overrides `[storage] path`).
+        #[arg(long)]
+        data: Option<PathBuf>,
+        /// Move mismatching files to `quarantine/` in the data directory.
+        #[arg(long)]
+        repair: bool,
+    },
+    /// Index maintenance.
+    Index {
+        #[command(subcommand)]
+        command: IndexCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum IndexCommand {
+    /// Rebuild the index from the blob files (verifying them), keeping the old one aside.
+    Rebuild {
+        /// A TOML configuration file, for `[storage] path`.
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Data directory (overrides `[storage] path`).
+        #[arg(long)]
+        data: Option<PathBuf>,
+    },
+}
+
+/// A progress bar on a terminal, nothing otherwise (the summary line always).
+fn progress_bar(what: &'static str) -> indicatif::ProgressBar {
+    let bar = indicatif::ProgressBar::new(0);
+    if std::io::stderr().is_terminal() {
+        bar.set_style(
+            indicatif::ProgressStyle::with_template(
+                "{msg} [{bar:40}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
+            )
+            .expect("a valid template")
+            .progress_chars("=> "),
+        );
+        bar.set_message(what);
+    } else {
+        bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
+    }
+    bar
+}
+
+fn store_at(config: Option<PathBuf>, data: Option<PathBuf>) -> anyhow::Result<PathBuf> {
+    let overrides = Overrides {
+        data,
+        ..Overrides::default()
+    };
+    Ok(Config::load(config.as_deref(), &overrides)?.storage.path)
+}
+
+fn summary(report: &pullthrough::store::VerifyReport, started: std::time::Instant) {
+    let secs = started.elapsed().as_secs_f64();
+    eprintln!(
+        "{} files, {} bytes hashed in {:.1}s ({:.0} MiB/s); {} mismatching",
+        report.files,
+        report.bytes,
+        secs,
+        report.bytes as f64 / (1 << 20) as f64 / secs.max(1e-9),
+        report.bad.len()
+    );
+    for bad in &report.bad {
+        eprintln!("  mismatch: {}", bad.display());
+    }
 }
 
 fn init_logging(format: LogFormat) {
@@ -73,6 +145,66 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::DefaultConfig => {
             print!("{}", pullthrough::config::DEFAULT_CONFIG);
+            Ok(())
+        }
+        Command::Verify {
+            config,
+            data,
+            repair,
+        } => {
+            let path = store_at(config, data)?;
+            let store = pullthrough::store::Store::open(&path)
+                .with_context(|| format!("opening the store at {}", path.display()))?;
+            let bar = progress_bar("verifying");
+            let started = std::time::Instant::now();
+            let report = store.verify(repair, |done, total| {
+                bar.set_length(total);
+                bar.set_position(done);
+            })?;
+            bar.finish_and_clear();
+            summary(&report, started);
+            if !report.bad.is_empty() && !repair {
+                anyhow::bail!(
+                    "{} blob(s) do not match their digest; run with --repair",
+                    report.bad.len()
+                );
+            }
+            Ok(())
+        }
+        Command::Index {
+            command: IndexCommand::Rebuild { config, data },
+        } => {
+            let path = store_at(config, data)?;
+            let index = path.join("index");
+            if index.exists() {
+                // Fail now, and clearly, if a cache is running on this store.
+                drop(pullthrough::store::Index::open(&index).with_context(|| {
+                    format!("{} is in use (is the cache running?)", index.display())
+                })?);
+                let aside = path.join(format!(
+                    "index.old-{}",
+                    std::time::SystemTime::now()
+                        .duration_since(std::time::UNIX_EPOCH)
+                        .map(|d| d.as_secs())
+                        .unwrap_or(0)
+                ));
+                std::fs::rename(&index, &aside)
+                    .with_context(|| format!("moving {} aside", index.display()))?;
+                eprintln!("old index kept at {}", aside.display());
+            }
+            let store = pullthrough::store::Store::open(&path)?;
+            let bar = progress_bar("rebuilding");
+            let started = std::time::Instant::now();
+            let report = store.rebuild_index(|done, total| {
+                bar.set_length(total);
+                bar.set_position(done);
+            })?;
+            bar.finish_and_clear();
+            summary(&report, started);
+            eprintln!(
+                "{} manifests indexed; tags and links come back on demand",
+                report.manifests
+            );
             Ok(())
         }
         Command::Serve {

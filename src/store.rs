@@ -39,6 +39,64 @@ pub enum StoreError {
     Record(#[from] serde_json::Error),
 }
 
+/// What [`Store::verify`] found.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct VerifyReport {
+    /// Files checked.
+    pub files: u64,
+    /// Bytes hashed.
+    pub bytes: u64,
+    /// Files whose bytes do not match their name (moved to `quarantine/` when repairing).
+    pub bad: Vec<PathBuf>,
+    /// Manifests recognised (by [`Store::rebuild_index`]).
+    pub manifests: u64,
+}
+
+/// The media type of a manifest document, or `None` if the bytes are not one.
+fn manifest_media_type(bytes: &[u8]) -> Option<String> {
+    #[derive(serde::Deserialize)]
+    struct Doc {
+        #[serde(rename = "schemaVersion")]
+        schema_version: Option<u32>,
+        #[serde(rename = "mediaType")]
+        media_type: Option<String>,
+        manifests: Option<serde_json::Value>,
+        layers: Option<serde_json::Value>,
+    }
+    let doc: Doc = serde_json::from_slice(bytes).ok()?;
+    if doc.schema_version != Some(2) {
+        return None;
+    }
+    match (
+        doc.media_type,
+        doc.manifests.is_some(),
+        doc.layers.is_some(),
+    ) {
+        (Some(t), _, _) if t.contains("manifest") || t.contains("index") => Some(t),
+        (None, true, _) => Some("application/vnd.oci.image.index.v1+json".into()),
+        (None, false, true) => Some("application/vnd.oci.image.manifest.v1+json".into()),
+        _ => None,
+    }
+}
+
+/// Whether sled failed because another process holds the directory.
+/// (sled 0.34 wraps the `flock` failure in an error of kind `Other` whose text
+/// names it, so both are checked: mistaking a live index for a broken one would
+/// move a running cache's index aside.)
+fn is_lock_error(e: &sled::Error) -> bool {
+    matches!(e, sled::Error::Io(io)
+        if io.kind() == io::ErrorKind::WouldBlock
+            || io.raw_os_error() == Some(11)
+            || io.to_string().contains("could not acquire lock"))
+}
+
+fn unix_secs() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
 fn io_at(path: &Path) -> impl FnOnce(io::Error) -> StoreError + '_ {
     move |source| StoreError::Io {
         path: path.to_path_buf(),
@@ -67,19 +125,150 @@ impl Store {
         fs::create_dir_all(&blobs).map_err(io_at(&blobs))?;
         // The index's lock first: a second process on the same directory fails here,
         // before it could touch the running one's downloads.
-        let index = Index::open(&root.join("index"))?;
+        let index_dir = root.join("index");
+        let (index, rebuilt) = match Index::open(&index_dir) {
+            Ok(index) => (index, false),
+            Err(StoreError::Index(e)) if !is_lock_error(&e) => {
+                // The files are the truth: an unreadable index is set aside and
+                // rebuilt from them rather than keeping the cache from starting.
+                let aside = root.join(format!("index.broken-{}", unix_secs()));
+                tracing::warn!(error = %e, aside = %aside.display(), "index unreadable; rebuilding it from the blob files");
+                fs::rename(&index_dir, &aside).map_err(io_at(&aside))?;
+                (Index::open(&index_dir)?, true)
+            }
+            Err(e) => return Err(e),
+        };
         // Anything left in tmp/ is a download a previous process never finished.
         if tmp.exists() {
             fs::remove_dir_all(&tmp).map_err(io_at(&tmp))?;
         }
         fs::create_dir_all(&tmp).map_err(io_at(&tmp))?;
-        Ok(Store {
+        let store = Store {
             inner: Arc::new(Inner {
                 root: root.to_path_buf(),
                 index,
                 next_tmp: AtomicU64::new(0),
             }),
-        })
+        };
+        if rebuilt {
+            let report = store.rebuild_index(|_, _| {})?;
+            tracing::warn!(
+                files = report.files,
+                bytes = report.bytes,
+                quarantined = report.bad.len(),
+                manifests = report.manifests,
+                "index rebuilt"
+            );
+        }
+        Ok(store)
+    }
+
+    /// Every stored file: its digest (from its name) and path. Files whose
+    /// names are not digests are listed with `None`.
+    pub fn files(&self) -> Result<Vec<(Option<Digest>, PathBuf)>, StoreError> {
+        let mut out = Vec::new();
+        let blobs = self.inner.root.join("blobs");
+        for alg in fs::read_dir(&blobs).map_err(io_at(&blobs))? {
+            let alg = alg.map_err(io_at(&blobs))?.path();
+            let Some(alg_name) = alg.file_name().and_then(|n| n.to_str()).map(str::to_string)
+            else {
+                continue;
+            };
+            for prefix in fs::read_dir(&alg).map_err(io_at(&alg))? {
+                let prefix = prefix.map_err(io_at(&alg))?.path();
+                for file in fs::read_dir(&prefix).map_err(io_at(&prefix))? {
+                    let path = file.map_err(io_at(&prefix))?.path();
+                    let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
+                    let digest = format!("{alg_name}:{name}").parse::<Digest>().ok();
+                    out.push((digest, path));
+                }
+            }
+        }
+        out.sort();
+        Ok(out)
+    }
+
+    /// Re-hashes every stored file. With `repair`, a file whose bytes do not
+    /// match its name is moved to `quarantine/` (never deleted: an operator may
+    /// want to look). `progress` hears bytes hashed so far and the total.
+    pub fn verify(
+        &self,
+        repair: bool,
+        mut progress: impl FnMut(u64, u64),
+    ) -> Result<VerifyReport, StoreError> {
+        use std::io::Read;
+        let files = self.files()?;
+        let total: u64 = files
+            .iter()
+            .filter_map(|(_, p)| fs::metadata(p).ok())
+            .map(|m| m.len())
+            .sum();
+        let mut report = VerifyReport::default();
+        let mut done = 0u64;
+        let mut buf = vec![0u8; 1 << 20];
+        for (digest, path) in files {
+            let ok = match &digest {
+                None => false,
+                Some(digest) => {
+                    let mut file = fs::File::open(&path).map_err(io_at(&path))?;
+                    let mut hasher = digest.algorithm().hasher();
+                    loop {
+                        let n = file.read(&mut buf).map_err(io_at(&path))?;
+                        if n == 0 {
+                            break;
+                        }
+                        hasher.update(&buf[..n]);
+                        done += n as u64;
+                        report.bytes += n as u64;
+                        progress(done, total);
+                    }
+                    hasher.finish() == *digest
+                }
+            };
+            report.files += 1;
+            if !ok {
+                if repair {
+                    let quarantine = self.inner.root.join("quarantine");
+                    fs::create_dir_all(&quarantine).map_err(io_at(&quarantine))?;
+                    let name = path
+                        .strip_prefix(self.inner.root.join("blobs"))
+                        .map(|p| p.to_string_lossy().replace('/', "-"))
+                        .unwrap_or_else(|_| "unknown".into());
+                    let dest = quarantine.join(name);
+                    fs::rename(&path, &dest).map_err(io_at(&dest))?;
+                }
+                report.bad.push(path);
+            }
+        }
+        Ok(report)
+    }
+
+    /// Rebuilds what the index can learn from the files: verifies every file
+    /// (quarantining bad ones) and records the media type of every manifest.
+    /// Tags and repository links cannot be learnt from files; they come back on
+    /// demand (a tag is fetched again, a link confirmed with a `HEAD`).
+    pub fn rebuild_index(
+        &self,
+        progress: impl FnMut(u64, u64),
+    ) -> Result<VerifyReport, StoreError> {
+        let mut report = self.verify(true, progress)?;
+        for (digest, path) in self.files()? {
+            let Some(digest) = digest else { continue };
+            let small = fs::metadata(&path)
+                .map(|m| m.len() <= 4 * 1024 * 1024)
+                .unwrap_or(false);
+            if !small {
+                continue;
+            }
+            let bytes = fs::read(&path).map_err(io_at(&path))?;
+            if let Some(media_type) = manifest_media_type(&bytes) {
+                self.inner
+                    .index
+                    .set_manifest(&digest, &ManifestRecord { media_type })?;
+                report.manifests += 1;
+            }
+        }
+        Ok(report)
     }
 
     /// The metadata index.
@@ -173,6 +362,80 @@ mod tests {
             0
         );
         assert_eq!(store.read_small(&digest).unwrap(), b"kept");
+    }
+
+    fn manifest_bytes() -> Vec<u8> {
+        br#"{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json","config":{},"layers":[]}"#.to_vec()
+    }
+
+    #[test]
+    fn verify_finds_and_quarantines_files_that_do_not_match_their_name() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let good = Digest::sha256_of(b"good");
+        store.put_small(&good, b"good").unwrap();
+        let bad = Digest::sha256_of(b"original");
+        store.put_small(&bad, b"original").unwrap();
+        std::fs::write(store.blob_path(&bad), b"bit rot").unwrap();
+        let report = store.verify(false, |_, _| {}).unwrap();
+        assert_eq!((report.files, report.bad.len()), (2, 1));
+        assert!(
+            store.blob_path(&bad).exists(),
+            "without repair nothing moves"
+        );
+        let report = store.verify(true, |_, _| {}).unwrap();
+        assert_eq!(report.bad, vec![store.blob_path(&bad)]);
+        assert!(!store.blob_path(&bad).exists());
+        assert_eq!(
+            std::fs::read_dir(dir.path().join("quarantine"))
+                .unwrap()
+                .count(),
+            1
+        );
+        assert!(store.blob_path(&good).exists());
+        assert!(store.verify(false, |_, _| {}).unwrap().bad.is_empty());
+    }
+
+    #[test]
+    fn an_unreadable_index_is_rebuilt_from_the_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let manifest = Digest::sha256_of(&manifest_bytes());
+        let layer = Digest::sha256_of(b"layer bytes");
+        {
+            let store = Store::open(dir.path()).unwrap();
+            store.put_small(&manifest, &manifest_bytes()).unwrap();
+            store.put_small(&layer, b"layer bytes").unwrap();
+        }
+        // Scribble over every file of the index.
+        for entry in std::fs::read_dir(dir.path().join("index")).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_file() {
+                std::fs::write(&path, vec![0xA5; 4096]).unwrap();
+            }
+        }
+        let store = Store::open(dir.path()).expect("starts despite the broken index");
+        let record = store
+            .index()
+            .manifest(&manifest)
+            .unwrap()
+            .expect("manifest re-learnt");
+        assert_eq!(
+            record.media_type,
+            "application/vnd.oci.image.manifest.v1+json"
+        );
+        assert!(store.index().manifest(&layer).unwrap().is_none());
+        assert_eq!(store.read_small(&layer).unwrap(), b"layer bytes");
+        let aside = std::fs::read_dir(dir.path())
+            .unwrap()
+            .filter(|e| {
+                e.as_ref()
+                    .unwrap()
+                    .file_name()
+                    .to_string_lossy()
+                    .starts_with("index.broken-")
+            })
+            .count();
+        assert_eq!(aside, 1, "the broken index is kept aside for inspection");
     }
 
     #[test]

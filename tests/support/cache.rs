@@ -396,7 +396,13 @@ impl CacheProcess {
     /// Starts `pullthrough serve --config FILE --listen 127.0.0.1:0 --log-format json`
     /// with `config` as FILE and `env` added, and waits for its "serving" log line.
     pub async fn start(config: &str, env: &[(&str, &str)]) -> CacheProcess {
+        CacheProcess::start_in(config, env, None).await
+    }
+
+    /// Like [`CacheProcess::start`], on the data directory `data` (which outlives it).
+    pub async fn start_in(config: &str, env: &[(&str, &str)], data: Option<&Path>) -> CacheProcess {
         let dir = tempfile::tempdir().expect("temp dir");
+        let data = data.map_or_else(|| dir.path().join("data"), Path::to_path_buf);
         let file = dir.path().join("pullthrough.toml");
         std::fs::write(&file, config).expect("write config");
         let log = dir.path().join("pullthrough.log");
@@ -406,7 +412,7 @@ impl CacheProcess {
             .arg("--config")
             .arg(&file)
             .arg("--data")
-            .arg(dir.path().join("data"))
+            .arg(&data)
             .stdout(std::process::Stdio::null())
             .stderr(std::fs::File::create(&log).expect("log file"));
         for (k, v) in env {
@@ -451,6 +457,11 @@ impl CacheProcess {
     /// Everything it logged so far.
     pub fn log(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Kills it with SIGKILL, mid-whatever it is doing: a crash.
+    pub fn kill(&mut self) {
+        self.child.kill();
     }
 
     /// Stops it with SIGTERM, as an orchestrator would, and waits for the exit.

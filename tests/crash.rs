@@ -1,0 +1,177 @@
+//! The store survives crashes: the real binary is killed with SIGKILL in the
+//! middle of a storm of concurrent pulls, several times, then restarted on the
+//! same data directory. Every stored file must hash to its name, `tmp/` must be
+//! empty, and every image must pull correctly. Also: `verify` and
+//! `index rebuild` on a real store.
+
+mod support;
+
+use futures_util::future::join_all;
+use std::path::Path;
+use std::time::Duration;
+use support::cache::{run_binary, stream_digest, CacheProcess};
+use support::front::{Front, Mode};
+use support::images::{media, sha256_digest, Image};
+use support::registry::Registry;
+
+fn config(upstream: &str) -> String {
+    format!(
+        "default_upstream = \"docker.io\"\n[[upstreams]]\nname = \"docker.io\"\nurl = \"{upstream}\"\nlibrary_prefix = true\n"
+    )
+}
+
+/// Every file under `blobs/` hashes to its name; returns how many there are.
+fn check_every_blob(data: &Path) -> usize {
+    let mut count = 0;
+    let root = data.join("blobs/sha256");
+    let Ok(prefixes) = std::fs::read_dir(&root) else {
+        return 0;
+    };
+    for prefix in prefixes {
+        for file in std::fs::read_dir(prefix.unwrap().path()).unwrap() {
+            let path = file.unwrap().path();
+            let name = path.file_name().unwrap().to_string_lossy().to_string();
+            let bytes = std::fs::read(&path).unwrap();
+            assert_eq!(
+                sha256_digest(&bytes),
+                format!("sha256:{name}"),
+                "{}",
+                path.display()
+            );
+            count += 1;
+        }
+    }
+    count
+}
+
+/// Pulls every image (manifest by tag, then every blob), checking each digest.
+async fn pull_all(url: &str, images: &[(&str, Image)]) -> Result<(), String> {
+    let pulls = images.iter().map(|(repo, img)| async move {
+        let m = support::cache::raw_request(
+            &format!("{url}/v2/{repo}/manifests/1"),
+            reqwest::Method::GET,
+            &[("accept", media::ACCEPT_ALL)],
+        )
+        .await;
+        if m.status != 200 || m.body != img.manifest().clone() {
+            return Err(format!("{repo}: manifest {}", m.status));
+        }
+        for blob in img.own_blobs() {
+            let got = stream_digest(&format!("{url}/v2/{repo}/blobs/{}", blob.digest), &[]).await;
+            if got.error.is_some() || got.digest != blob.digest {
+                return Err(format!("{repo}: {} {got:?}", blob.digest));
+            }
+        }
+        Ok(())
+    });
+    join_all(pulls).await.into_iter().collect()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sigkill_during_a_storm_never_leaves_a_wrong_byte() {
+    let images: Vec<(&str, Image)> = vec![
+        (
+            "library/a",
+            Image::builder(81).layers(&[3_000_000, 1_000_000]).build(),
+        ),
+        ("library/b", Image::builder(82).layers(&[6_000_000]).build()),
+        ("library/c", Image::big(83, 12 * 1024 * 1024)),
+    ];
+    let mut builder = Registry::anonymous();
+    for (repo, img) in &images {
+        builder = builder.image(repo, "1", img.clone());
+    }
+    let upstream = builder.start().await;
+    let mut front = Front::start(upstream.addr()).await;
+    // Slow bodies, so that downloads are in flight when the kill comes.
+    front
+        .set_mode(Mode::Slow {
+            rate: 4 * 1024 * 1024,
+        })
+        .await;
+    let data = tempfile::tempdir().unwrap();
+    let config = config(&front.url());
+    // Kill points spread over the downloads (deterministic, so a failure replays).
+    for (round, delay_ms) in [150u64, 900, 2200, 500].into_iter().enumerate() {
+        let mut cache = CacheProcess::start_in(&config, &[], Some(data.path())).await;
+        let url = cache.url();
+        let storm = tokio::spawn({
+            let images = images.clone();
+            async move {
+                let storms = (0..4).map(|_| pull_all(&url, &images));
+                join_all(storms).await
+            }
+        });
+        tokio::time::sleep(Duration::from_millis(delay_ms)).await;
+        cache.kill();
+        let _ = storm.await;
+        let files = check_every_blob(data.path());
+        eprintln!("round {round}: killed after {delay_ms} ms with {files} files stored");
+    }
+    front.set_mode(Mode::Normal).await;
+    let cache = CacheProcess::start_in(&config, &[], Some(data.path())).await;
+    let tmp: Vec<_> = std::fs::read_dir(data.path().join("tmp"))
+        .unwrap()
+        .collect();
+    assert!(tmp.is_empty(), "tmp/ emptied at start: {tmp:?}");
+    pull_all(&cache.url(), &images)
+        .await
+        .unwrap_or_else(|e| panic!("after the crashes: {e}\n{}", cache.log()));
+    let files = check_every_blob(data.path());
+    let expected: usize = images.iter().map(|(_, i)| i.own_blobs().len() + 1).sum();
+    assert_eq!(files, expected, "every blob and manifest stored once");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn verify_and_index_rebuild_on_a_real_store() {
+    let img = Image::single(84);
+    let upstream = Registry::anonymous()
+        .image("library/v", "1", img.clone())
+        .start()
+        .await;
+    let data = tempfile::tempdir().unwrap();
+    let config = config(&upstream.url());
+    let mut cache = CacheProcess::start_in(&config, &[], Some(data.path())).await;
+    pull_all(&cache.url(), &[("library/v", img.clone())])
+        .await
+        .unwrap();
+    let exit = cache.terminate();
+    assert!(exit.contains("exit status: 0"), "{exit}");
+    let dir = data.path().to_string_lossy().to_string();
+
+    let ok = run_binary(&["verify", "--data", &dir], &[]);
+    assert!(ok.success, "{}", ok.stderr);
+    assert!(ok.stderr.contains("0 mismatching"), "{}", ok.stderr);
+
+    let layer = &img.layers()[0];
+    let path = data
+        .path()
+        .join("blobs/sha256")
+        .join(&layer.digest[7..9])
+        .join(&layer.digest[7..]);
+    std::fs::write(&path, b"flipped bits").unwrap();
+    let bad = run_binary(&["verify", "--data", &dir], &[]);
+    assert!(!bad.success);
+    assert!(
+        bad.stderr.contains("1 mismatching") && bad.stderr.contains(&layer.digest[7..]),
+        "{}",
+        bad.stderr
+    );
+    let repaired = run_binary(&["verify", "--data", &dir, "--repair"], &[]);
+    assert!(repaired.success, "{}", repaired.stderr);
+    assert!(!path.exists(), "quarantined");
+
+    let rebuilt = run_binary(&["index", "rebuild", "--data", &dir], &[]);
+    assert!(rebuilt.success, "{}", rebuilt.stderr);
+    assert!(
+        rebuilt.stderr.contains("1 manifests indexed"),
+        "{}",
+        rebuilt.stderr
+    );
+    // The rebuilt store serves again: the quarantined layer is fetched anew.
+    let cache = CacheProcess::start_in(&config, &[], Some(data.path())).await;
+    pull_all(&cache.url(), &[("library/v", img.clone())])
+        .await
+        .unwrap_or_else(|e| panic!("{e}\n{}", cache.log()));
+    assert_eq!(std::fs::read(&path).unwrap(), layer.bytes.to_vec());
+}
