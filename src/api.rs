@@ -81,9 +81,11 @@ async fn measure(
 }
 
 async fn metrics(State(cache): State<Cache>) -> impl IntoResponse {
-    let text = cache
-        .metrics()
-        .encode(cache.upstreams(), cache.flights().in_progress());
+    let text = cache.metrics().encode(
+        cache.upstreams(),
+        cache.flights().in_progress(),
+        cache.store(),
+    );
     (
         [(
             header::CONTENT_TYPE,

@@ -551,6 +551,7 @@ impl Cache {
             if let Some(record) = store.index().manifest(digest)? {
                 self.confirm(up, repo, digest, true).await?;
                 metrics.outcome(Route::manifest, Outcome::hit);
+                store.touch(digest);
                 return self.stored_manifest(digest, record.media_type);
             }
         }
@@ -708,6 +709,7 @@ impl Cache {
         if store.blob_size(digest).is_some() {
             self.confirm(up, repo, digest, false).await?;
             metrics.outcome(Route::blob, Outcome::hit);
+            store.touch(digest);
             return Ok(self.stored_blob(digest, range, head)?);
         }
         if head {
@@ -878,11 +880,17 @@ impl Cache {
             size: Some(size),
             range: served,
             body: (!head).then(|| {
-                counted(
+                // Pinned while the body streams: eviction leaves a file being read alone.
+                let pin = self.inner.store.pin(digest);
+                let body = counted(
                     flight::read_file(file, start, end),
                     &self.inner.metrics,
                     Source::store,
-                )
+                );
+                Box::pin(futures_util::StreamExt::map(body, move |chunk| {
+                    let _pinned = &pin;
+                    chunk
+                })) as BodyStream
             }),
         }))
     }

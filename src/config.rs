@@ -73,6 +73,32 @@ pub struct ServerConfig {
 pub struct StorageConfig {
     /// The data directory.
     pub path: PathBuf,
+    /// The most the store may hold (`50GiB`); unset: no cap.
+    #[serde(default)]
+    pub max_size: Option<bytesize::ByteSize>,
+    /// Eviction starts when the store passes this fraction of `max_size`…
+    #[serde(default = "default_high_watermark")]
+    pub high_watermark: f64,
+    /// …and removes least recently used blobs until it is under this fraction.
+    #[serde(default = "default_low_watermark")]
+    pub low_watermark: f64,
+}
+
+fn default_high_watermark() -> f64 {
+    0.9
+}
+
+fn default_low_watermark() -> f64 {
+    0.8
+}
+
+impl StorageConfig {
+    /// `(max, high, low)` in bytes, if a cap is set.
+    pub fn watermarks(&self) -> Option<(u64, u64, u64)> {
+        let max = self.max_size?.as_u64();
+        let at = |fraction: f64| (max as f64 * fraction) as u64;
+        Some((max, at(self.high_watermark), at(self.low_watermark)))
+    }
 }
 
 /// `[cache]`
@@ -381,6 +407,13 @@ impl Config {
         }
         if self.cache.prefetch_concurrency == 0 {
             return Err(invalid("cache.prefetch_concurrency", "must be at least 1"));
+        }
+        let (high, low) = (self.storage.high_watermark, self.storage.low_watermark);
+        if !(0.0 < low && low < high && high <= 1.0) {
+            return Err(invalid(
+                "storage.low_watermark",
+                format!("need 0 < low_watermark ({low}) < high_watermark ({high}) <= 1"),
+            ));
         }
         if self.cache.tag_ttl > Duration::from_secs(365 * 24 * 3600) {
             return Err(invalid("cache.tag_ttl", "must be at most a year"));

@@ -48,7 +48,11 @@ pub enum ServeError {
 
 /// Builds the cache described by `config`.
 pub fn build(config: &config::Config) -> Result<cache::Cache, ServeError> {
-    let store = store::Store::open(&config.storage.path)?;
+    let cap = config
+        .storage
+        .watermarks()
+        .map(|(max, high, low)| store::Cap { max, high, low });
+    let store = store::Store::open_capped(&config.storage.path, cap)?;
     let metrics = metrics::Metrics::new();
     let upstreams =
         upstream::Upstreams::new(&config.upstreams, &config.default_upstream, &metrics)?;

@@ -56,6 +56,16 @@ enum Command {
         #[arg(long)]
         repair: bool,
     },
+    /// Evict least recently used blobs down to the low watermark now (needs
+    /// `[storage] max_size`), empty tmp/, and report what was freed.
+    Gc {
+        /// A TOML configuration file, for `[storage]`.
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Data directory (overrides `[storage] path`).
+        #[arg(long)]
+        data: Option<PathBuf>,
+    },
     /// Index maintenance.
     Index {
         #[command(subcommand)]
@@ -169,6 +179,37 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     report.bad.len()
                 );
             }
+            Ok(())
+        }
+        Command::Gc { config, data } => {
+            let overrides = Overrides {
+                data,
+                ..Overrides::default()
+            };
+            let config = Config::load(config.as_deref(), &overrides)?;
+            let path = &config.storage.path;
+            let store = pullthrough::store::Store::open(path).with_context(|| {
+                format!(
+                    "opening the store at {} (is the cache running?)",
+                    path.display()
+                )
+            })?;
+            let before = store.usage();
+            let report = match config.storage.watermarks() {
+                Some((_, _, low)) => store.evict_to(low)?,
+                None => pullthrough::store::EvictReport::default(),
+            };
+            eprintln!(
+                "store: {before} bytes before, {} after; evicted {} files ({} bytes){}",
+                store.usage(),
+                report.files,
+                report.bytes,
+                if config.storage.max_size.is_none() {
+                    " (no [storage] max_size set: nothing to evict)"
+                } else {
+                    ""
+                }
+            );
             Ok(())
         }
         Command::Index {

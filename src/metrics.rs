@@ -114,6 +114,10 @@ struct Inner {
     circuit_state: Family<UpstreamLabels, Gauge>,
     ratelimit_limit: Family<UpstreamLabels, Gauge>,
     ratelimit_remaining: Family<UpstreamLabels, Gauge>,
+    store_bytes: Gauge,
+    store_max_bytes: Gauge,
+    store_evicted_files: Gauge,
+    store_evicted_bytes: Gauge,
 }
 
 fn seconds() -> Histogram {
@@ -147,6 +151,28 @@ impl Metrics {
         let circuit_state = Family::<UpstreamLabels, Gauge>::default();
         let ratelimit_limit = Family::<UpstreamLabels, Gauge>::default();
         let ratelimit_remaining = Family::<UpstreamLabels, Gauge>::default();
+        let (store_bytes, store_max_bytes) = (Gauge::default(), Gauge::default());
+        let (store_evicted_files, store_evicted_bytes) = (Gauge::default(), Gauge::default());
+        registry.register(
+            "store_bytes",
+            "Bytes stored under blobs/",
+            store_bytes.clone(),
+        );
+        registry.register(
+            "store_max_bytes",
+            "The store's cap (0: none)",
+            store_max_bytes.clone(),
+        );
+        registry.register(
+            "store_evicted_files",
+            "Files evicted since start",
+            store_evicted_files.clone(),
+        );
+        registry.register(
+            "store_evicted_bytes",
+            "Bytes evicted since start",
+            store_evicted_bytes.clone(),
+        );
         registry.register(
             "http_requests",
             "Requests by route kind and status class",
@@ -240,6 +266,10 @@ impl Metrics {
                 circuit_state,
                 ratelimit_limit,
                 ratelimit_remaining,
+                store_bytes,
+                store_max_bytes,
+                store_evicted_files,
+                store_evicted_bytes,
             }),
         }
     }
@@ -338,9 +368,20 @@ impl Metrics {
     }
 
     /// The exposition, in Prometheus text format, with state read now.
-    pub fn encode(&self, upstreams: &Upstreams, flights_in_progress: usize) -> String {
+    pub fn encode(
+        &self,
+        upstreams: &Upstreams,
+        flights_in_progress: usize,
+        store: &crate::store::Store,
+    ) -> String {
         let i = &self.inner;
         i.flights_in_progress.set(flights_in_progress as i64);
+        i.store_bytes.set(store.usage() as i64);
+        i.store_max_bytes
+            .set(store.cap().map_or(0, |c| c.max) as i64);
+        let evicted = store.evicted();
+        i.store_evicted_files.set(evicted.files as i64);
+        i.store_evicted_bytes.set(evicted.bytes as i64);
         for up in upstreams.all() {
             let labels = UpstreamLabels {
                 upstream: up.name().into(),

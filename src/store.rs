@@ -115,11 +115,65 @@ struct Inner {
     index: Index,
     /// Makes temporary file names unique within this process.
     next_tmp: AtomicU64,
+    /// Bytes under `blobs/`: counted at open, kept up to date by commits and evictions.
+    usage: AtomicU64,
+    /// The size cap, if any.
+    cap: Option<Cap>,
+    /// Files being read; never evicted. A std mutex: held only to count.
+    pins: std::sync::Mutex<std::collections::HashMap<Digest, usize>>,
+    /// Whether an eviction is running (one at a time).
+    evicting: std::sync::atomic::AtomicBool,
+    /// Files evicted since start, and their bytes.
+    evicted: (AtomicU64, AtomicU64),
+}
+
+/// Keeps a stored file from eviction while it lives.
+pub struct Pin {
+    store: Store,
+    digest: Digest,
+}
+
+impl Drop for Pin {
+    fn drop(&mut self) {
+        let mut pins = self.store.inner.pins.lock().expect("pins poisoned");
+        if let Some(n) = pins.get_mut(&self.digest) {
+            *n -= 1;
+            if *n == 0 {
+                pins.remove(&self.digest);
+            }
+        }
+    }
+}
+
+/// A size cap: past `high` bytes, evict least recently used files down to `low`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Cap {
+    /// The configured `max_size`.
+    pub max: u64,
+    /// Eviction starts above this.
+    pub high: u64,
+    /// Eviction stops at or below this.
+    pub low: u64,
+}
+
+/// What an eviction removed.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct EvictReport {
+    /// Files removed.
+    pub files: u64,
+    /// Bytes freed.
+    pub bytes: u64,
 }
 
 impl Store {
     /// Opens (creating if needed) the store at `root` and empties `tmp/`.
     pub fn open(root: &Path) -> Result<Store, StoreError> {
+        Store::open_capped(root, None)
+    }
+
+    /// Like [`Store::open`], evicting least recently used files past `cap`'s
+    /// high watermark until usage is under its low one.
+    pub fn open_capped(root: &Path, cap: Option<Cap>) -> Result<Store, StoreError> {
         let blobs = root.join("blobs");
         let tmp = root.join("tmp");
         fs::create_dir_all(&blobs).map_err(io_at(&blobs))?;
@@ -148,8 +202,21 @@ impl Store {
                 root: root.to_path_buf(),
                 index,
                 next_tmp: AtomicU64::new(0),
+                usage: AtomicU64::new(0),
+                cap,
+                pins: Default::default(),
+                evicting: false.into(),
+                evicted: Default::default(),
             }),
         };
+        let usage: u64 = store
+            .files()?
+            .iter()
+            .filter_map(|(_, p)| fs::metadata(p).ok())
+            .map(|m| m.len())
+            .sum();
+        store.inner.usage.store(usage, Ordering::Relaxed);
+        store.after_write();
         if rebuilt {
             let report = store.rebuild_index(|_, _| {})?;
             tracing::warn!(
@@ -307,12 +374,146 @@ impl Store {
         let dest = self.blob_path(digest);
         let dir = dest.parent().expect("blob paths have a parent");
         fs::create_dir_all(dir).map_err(io_at(dir))?;
+        let size = fs::metadata(tmp).map(|m| m.len()).unwrap_or(0);
+        let replaced = fs::metadata(&dest).map(|m| m.len()).ok();
         fs::rename(tmp, &dest).map_err(io_at(&dest))?;
         // The rename is durable only once the directory entry is.
         fs::File::open(dir)
             .and_then(|d| d.sync_all())
             .map_err(io_at(dir))?;
+        self.inner.usage.fetch_add(
+            size.saturating_sub(replaced.unwrap_or(0)),
+            Ordering::Relaxed,
+        );
+        self.touch(digest);
+        self.after_write();
         Ok(dest)
+    }
+
+    /// Bytes stored under `blobs/`.
+    pub fn usage(&self) -> u64 {
+        self.inner.usage.load(Ordering::Relaxed)
+    }
+
+    /// The size cap, if any.
+    pub fn cap(&self) -> Option<Cap> {
+        self.inner.cap
+    }
+
+    /// Files and bytes evicted since start.
+    pub fn evicted(&self) -> EvictReport {
+        EvictReport {
+            files: self.inner.evicted.0.load(Ordering::Relaxed),
+            bytes: self.inner.evicted.1.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Records an access (a hit refreshes a file's place in the LRU order).
+    pub fn touch(&self, digest: &Digest) {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or(0);
+        if let Err(e) = self.inner.index.touch(digest, now) {
+            tracing::warn!(error = %e, "recording an access failed");
+        }
+    }
+
+    /// Keeps `digest` from eviction until the returned guard is dropped.
+    pub fn pin(&self, digest: &Digest) -> Pin {
+        *self
+            .inner
+            .pins
+            .lock()
+            .expect("pins poisoned")
+            .entry(digest.clone())
+            .or_default() += 1;
+        Pin {
+            store: self.clone(),
+            digest: digest.clone(),
+        }
+    }
+
+    /// Past the high watermark, starts an eviction in the background (one at a time).
+    fn after_write(&self) {
+        let Some(Cap { high, low, .. }) = self.inner.cap else {
+            return;
+        };
+        if self.usage() <= high || self.inner.evicting.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        let store = self.clone();
+        let spawned = std::thread::Builder::new()
+            .name("pullthrough-evict".into())
+            .spawn(move || {
+                match store.evict_to(low) {
+                    Ok(r) => tracing::info!(
+                        files = r.files,
+                        bytes = r.bytes,
+                        usage = store.usage(),
+                        "evicted"
+                    ),
+                    Err(e) => tracing::warn!(error = %e, "eviction failed"),
+                }
+                store.inner.evicting.store(false, Ordering::SeqCst);
+            });
+        if spawned.is_err() {
+            self.inner.evicting.store(false, Ordering::SeqCst);
+        }
+    }
+
+    /// Removes least recently used files (never a pinned one) until usage is at
+    /// most `target`. Files with no recorded access count by their mtime.
+    pub fn evict_to(&self, target: u64) -> Result<EvictReport, StoreError> {
+        let mut report = EvictReport::default();
+        if self.usage() <= target {
+            return Ok(report);
+        }
+        let mut candidates: Vec<(u64, Digest, PathBuf, u64)> = self
+            .files()?
+            .into_iter()
+            .filter_map(|(digest, path)| {
+                let digest = digest?;
+                let meta = fs::metadata(&path).ok()?;
+                let mtime = meta
+                    .modified()
+                    .ok()?
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .ok()?
+                    .as_millis() as u64;
+                let last = self.inner.index.last_access(&digest).unwrap_or(mtime);
+                Some((last, digest, path, meta.len()))
+            })
+            .collect();
+        candidates.sort();
+        for (_, digest, path, size) in candidates {
+            if self.usage() <= target {
+                break;
+            }
+            if self
+                .inner
+                .pins
+                .lock()
+                .expect("pins poisoned")
+                .contains_key(&digest)
+            {
+                continue;
+            }
+            match fs::remove_file(&path) {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(StoreError::Io { path, source: e }),
+            }
+            self.inner.index.forget(&digest)?;
+            self.inner
+                .usage
+                .fetch_sub(size.min(self.usage()), Ordering::Relaxed);
+            self.inner.evicted.0.fetch_add(1, Ordering::Relaxed);
+            self.inner.evicted.1.fetch_add(size, Ordering::Relaxed);
+            report.files += 1;
+            report.bytes += size;
+        }
+        Ok(report)
     }
 
     /// Reads a small stored file (a manifest) whole.
@@ -436,6 +637,50 @@ mod tests {
             })
             .count();
         assert_eq!(aside, 1, "the broken index is kept aside for inspection");
+    }
+
+    #[test]
+    fn eviction_removes_least_recently_used_files_and_never_a_pinned_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let blobs: Vec<(Digest, Vec<u8>)> = (0..4u8)
+            .map(|i| {
+                let bytes = vec![i; 1000];
+                (Digest::sha256_of(&bytes), bytes)
+            })
+            .collect();
+        for (d, b) in &blobs {
+            store.put_small(d, b).unwrap();
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        assert_eq!(store.usage(), 4000);
+        // Blob 0 is read again (now the most recent); blob 1 is being read.
+        store.touch(&blobs[0].0);
+        let pin = store.pin(&blobs[1].0);
+        let report = store.evict_to(2000).unwrap();
+        assert_eq!(
+            report,
+            EvictReport {
+                files: 2,
+                bytes: 2000
+            }
+        );
+        assert_eq!(store.usage(), 2000);
+        let kept: Vec<bool> = blobs
+            .iter()
+            .map(|(d, _)| store.blob_path(d).exists())
+            .collect();
+        assert_eq!(
+            kept,
+            [true, true, false, false],
+            "LRU order, pinned blob 1 spared"
+        );
+        drop(pin);
+        assert_eq!(store.evict_to(1000).unwrap().files, 1);
+        assert!(
+            !store.blob_path(&blobs[1].0).exists(),
+            "unpinned, it is the oldest now"
+        );
     }
 
     #[test]

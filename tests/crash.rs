@@ -169,9 +169,87 @@ async fn verify_and_index_rebuild_on_a_real_store() {
         rebuilt.stderr
     );
     // The rebuilt store serves again: the quarantined layer is fetched anew.
-    let cache = CacheProcess::start_in(&config, &[], Some(data.path())).await;
+    let mut cache = CacheProcess::start_in(&config, &[], Some(data.path())).await;
     pull_all(&cache.url(), &[("library/v", img.clone())])
         .await
         .unwrap_or_else(|e| panic!("{e}\n{}", cache.log()));
     assert_eq!(std::fs::read(&path).unwrap(), layer.bytes.to_vec());
+    cache.terminate();
+
+    // gc evicts down to the low watermark of the configured cap (here: everything).
+    let gc = run_binary(
+        &["gc", "--data", &dir],
+        &[("PULLTHROUGH_STORAGE__MAX_SIZE", "1KiB")],
+    );
+    assert!(gc.success, "{}", gc.stderr);
+    assert!(gc.stderr.contains(", 0 after; evicted"), "{}", gc.stderr);
+    assert!(!path.exists());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_capped_store_evicts_the_least_recently_used_image() {
+    let image = |seed| Image::builder(seed).layers(&[5 * 1024 * 1024]).build();
+    let (a, b, c) = (image(85), image(86), image(87));
+    let upstream = Registry::anonymous()
+        .image("library/a", "1", a.clone())
+        .image("library/b", "1", b.clone())
+        .image("library/c", "1", c.clone())
+        .start()
+        .await;
+    // 16 MiB cap: eviction past 14.4 MiB, down to 11.2 MiB. Each image is ~5 MiB.
+    let cache = support::cache::Cache::builder()
+        .upstream("docker.io", &upstream.url())
+        .library_prefix()
+        .prefetch(false)
+        .storage_option("max_size", "\"16MiB\"")
+        .storage_option("high_watermark", "0.9")
+        .storage_option("low_watermark", "0.7")
+        .start()
+        .await;
+    let url = cache.url();
+    pull_all(&url, &[("library/a", a.clone())]).await.unwrap();
+    pull_all(&url, &[("library/b", b.clone())]).await.unwrap();
+    // A is pulled again: B is now the least recently used.
+    pull_all(&url, &[("library/a", a.clone())]).await.unwrap();
+    pull_all(&url, &[("library/c", c.clone())]).await.unwrap();
+    let stored = |img: &Image| {
+        img.own_blobs().iter().all(|b| {
+            cache
+                .data()
+                .join("blobs/sha256")
+                .join(&b.digest[7..9])
+                .join(&b.digest[7..])
+                .exists()
+        })
+    };
+    let low = 0.7 * 16.0 * 1024.0 * 1024.0;
+    let scrape = || {
+        let url = format!("{url}/metrics");
+        async move {
+            let m = support::cache::raw_request(&url, reqwest::Method::GET, &[]).await;
+            support::exposition::Exposition::parse(&String::from_utf8_lossy(&m.body))
+        }
+    };
+    let m = support::wait_until(
+        "eviction to reach the low watermark",
+        Duration::from_secs(20),
+        || async {
+            let m = scrape().await;
+            (m.value("pullthrough_store_bytes", &[]) <= low).then_some(m)
+        },
+    )
+    .await
+    .unwrap_or_else(|e| panic!("{e}"));
+    assert!(!stored(&b), "B, the least recently used, was evicted");
+    assert!(
+        stored(&a) && stored(&c),
+        "A (used again) and C (just pulled) stay"
+    );
+    assert_eq!(
+        m.value("pullthrough_store_max_bytes", &[]),
+        16.0 * 1024.0 * 1024.0
+    );
+    assert!(m.value("pullthrough_store_evicted_files", &[]) >= 2.0);
+    // An evicted image is fetched again on demand.
+    pull_all(&url, &[("library/b", b.clone())]).await.unwrap();
 }

@@ -33,6 +33,8 @@ pub struct Index {
     tags: sled::Tree,
     /// What a tag resolves to for clients whose `Accept` lacks the tag's own type.
     variants: sled::Tree,
+    /// Last access of each stored file (digest → milliseconds since the epoch), for LRU eviction.
+    access: sled::Tree,
     manifests: sled::Tree,
     links: sled::Tree,
 }
@@ -54,6 +56,7 @@ impl Index {
         Ok(Index {
             tags: db.open_tree("tags")?,
             variants: db.open_tree("variants")?,
+            access: db.open_tree("access")?,
             manifests: db.open_tree("manifests")?,
             links: db.open_tree("links")?,
         })
@@ -139,6 +142,27 @@ impl Index {
     pub fn set_manifest(&self, digest: &Digest, record: &ManifestRecord) -> Result<(), StoreError> {
         self.manifests
             .insert(digest.to_string(), serde_json::to_vec(record)?)?;
+        Ok(())
+    }
+
+    /// Records an access to a stored file now.
+    pub fn touch(&self, digest: &Digest, now_ms: u64) -> Result<(), StoreError> {
+        self.access
+            .insert(digest.to_string(), &now_ms.to_be_bytes())?;
+        Ok(())
+    }
+
+    /// When a stored file was last accessed, if recorded.
+    pub fn last_access(&self, digest: &Digest) -> Option<u64> {
+        let v = self.access.get(digest.to_string()).ok()??;
+        Some(u64::from_be_bytes(v.as_ref().try_into().ok()?))
+    }
+
+    /// Forgets what the index says about a file that is gone (links stay: they
+    /// are facts about upstream, and keep a re-fetch from needing a HEAD).
+    pub fn forget(&self, digest: &Digest) -> Result<(), StoreError> {
+        self.access.remove(digest.to_string())?;
+        self.manifests.remove(digest.to_string())?;
         Ok(())
     }
 

@@ -25,6 +25,8 @@ pub struct CacheBuilder {
     cache_options: Vec<String>,
     /// A data directory to use (and keep) instead of a fresh one.
     data: Option<PathBuf>,
+    /// Further `key = value` TOML lines for `[storage]`.
+    storage_options: Vec<String>,
 }
 
 /// A running cache; stopped (and its data removed) on drop.
@@ -45,6 +47,7 @@ impl Cache {
             prefetch: true,
             cache_options: Vec::new(),
             data: None,
+            storage_options: Vec::new(),
         }
     }
 
@@ -144,6 +147,12 @@ impl CacheBuilder {
         self
     }
 
+    /// Sets `key = value` (a TOML value) in `[storage]`.
+    pub fn storage_option(mut self, key: &str, value: &str) -> Self {
+        self.storage_options.push(format!("{key} = {value}"));
+        self
+    }
+
     /// Uses `dir` as the data directory (it outlives the cache: for restarts).
     pub fn data(mut self, dir: &Path) -> Self {
         self.data = Some(dir.to_path_buf());
@@ -155,13 +164,16 @@ impl CacheBuilder {
         let dir = tempfile::tempdir().expect("temp dir");
         let data = self.data.clone().unwrap_or_else(|| dir.path().join("data"));
         let mut toml = format!(
-            "default_upstream = {:?}\n[server]\nlisten = \"127.0.0.1:0\"\n[storage]\npath = {:?}\n[cache]\ntag_ttl = {:?}\nprefetch = {}\n",
+            "default_upstream = {:?}\n[server]\nlisten = \"127.0.0.1:0\"\n[cache]\ntag_ttl = {:?}\nprefetch = {}\n",
             self.upstreams.first().expect("at least one upstream").name,
-            data,
             self.tag_ttl,
             self.prefetch
         );
         for line in &self.cache_options {
+            toml += &format!("{line}\n");
+        }
+        toml += &format!("[storage]\npath = {data:?}\n");
+        for line in &self.storage_options {
             toml += &format!("{line}\n");
         }
         for (i, up) in self.upstreams.iter().enumerate() {
