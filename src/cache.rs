@@ -101,6 +101,59 @@ pub struct BlobAnswer {
     pub body: Option<BodyStream>,
 }
 
+/// How a leader's download goes: through the store, or (no room) straight to its client.
+enum Lead {
+    Flight(Arc<flight::Flight>),
+    Direct(Answer),
+}
+
+/// Upstream's body passed straight through, hashed on the way; the last chunk
+/// is held back until the digest has verified, so a wrong body never ends cleanly.
+fn verified(up: &Upstream, resp: Answer, digest: Digest) -> BodyStream {
+    use futures_util::StreamExt;
+    let name = up.name().to_string();
+    let body = resp.bytes_stream();
+    let state = (
+        Box::pin(body),
+        Some(digest.algorithm().hasher()),
+        None::<Bytes>,
+    );
+    Box::pin(futures_util::stream::unfold(
+        state,
+        move |(mut body, mut hasher, mut held)| {
+            let (digest, name) = (digest.clone(), name.clone());
+            async move {
+                let h = hasher.as_mut()?;
+                loop {
+                    match body.next().await {
+                        Some(Ok(chunk)) => {
+                            h.update(&chunk);
+                            if let Some(previous) = held.replace(chunk) {
+                                return Some((Ok(previous), (body, hasher, held)));
+                            }
+                        }
+                        Some(Err(e)) => {
+                            let e = std::io::Error::other(format!("upstream {name}: {e}"));
+                            return Some((Err(e), (body, None, None)));
+                        }
+                        None => {
+                            let actual = hasher.take()?.finish();
+                            let last = if actual == digest {
+                                Ok(held.take().unwrap_or_default())
+                            } else {
+                                Err(std::io::Error::other(format!(
+                                    "upstream {name} sent {actual} for {digest}"
+                                )))
+                            };
+                            return Some((last, (body, None, None)));
+                        }
+                    }
+                }
+            }
+        },
+    ))
+}
+
 /// Counts a body's bytes into `served_bytes` as they go out.
 fn counted(body: BodyStream, metrics: &Metrics, source: Source) -> BodyStream {
     use futures_util::StreamExt;
@@ -740,7 +793,20 @@ impl Cache {
                     return Ok(self.stored_blob(digest, range, head)?);
                 }
                 metrics.outcome(Route::blob, Outcome::miss);
-                self.lead_blob(up, repo, permit).await?
+                match self.lead_blob(up, repo, permit).await? {
+                    Lead::Flight(flight) => flight,
+                    Lead::Direct(resp) => {
+                        // No room on disk: this client is served straight from
+                        // upstream, verified on the way, and nothing is kept.
+                        let size = header_len(&resp);
+                        let body = verified(up, resp, digest.clone());
+                        return Ok(Ok(BlobAnswer {
+                            size,
+                            range: None,
+                            body: (!head).then(|| counted(body, metrics, Source::flight)),
+                        }));
+                    }
+                }
             }
         };
         let size = flight.started().await?;
@@ -764,7 +830,7 @@ impl Cache {
         up: &Upstream,
         repo: &RepoName,
         permit: flight::Permit,
-    ) -> Result<Arc<flight::Flight>, CacheError> {
+    ) -> Result<Lead, CacheError> {
         let flight = permit.flight().clone();
         let digest = flight.digest().clone();
         let resp = match up.blob(Method::GET, repo, &digest).await {
@@ -778,11 +844,21 @@ impl Cache {
             size: header_len(&resp),
             max: None,
         };
+        if !self.inner.store.make_room(limits.size.unwrap_or(0)) {
+            tracing::warn!(%digest, size = ?limits.size, "no room on disk: serving without caching");
+            // Others who joined get a clean error before any byte; their retry
+            // is served the same way.
+            permit.fail(FlightError::Store(Arc::new(StoreError::Io {
+                path: self.inner.store.blob_path(&digest),
+                source: std::io::Error::new(std::io::ErrorKind::StorageFull, "no room on disk"),
+            })));
+            return Ok(Lead::Direct(resp));
+        }
         let (name, repo) = (up.name().to_string(), repo.clone());
         let on_commit: flight::OnCommit =
             Box::new(move |store: &Store, _| store.link(&name, &repo, &digest));
         self.spawn_download(up, permit, limits, resp, on_commit);
-        Ok(flight)
+        Ok(Lead::Flight(flight))
     }
 
     /// Starts background downloads of what a client that got `manifest` asks for next.
@@ -837,7 +913,9 @@ impl Cache {
                 }
                 // Hold the slot until the download ends, so the bound means something.
                 self.inner.metrics.prefetch_started();
-                self.lead_blob(up, repo, permit).await?.finished().await?;
+                if let Lead::Flight(flight) = self.lead_blob(up, repo, permit).await? {
+                    flight.finished().await?;
+                }
                 Ok(())
             }
         }

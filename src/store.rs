@@ -104,6 +104,9 @@ fn io_at(path: &Path) -> impl FnOnce(io::Error) -> StoreError + '_ {
     }
 }
 
+/// Space kept free on the data directory's disk beyond a download's size.
+const ROOM_MARGIN: u64 = 1024 * 1024;
+
 /// Handle on the data directory; cheap to clone.
 #[derive(Clone)]
 pub struct Store {
@@ -388,6 +391,22 @@ impl Store {
         self.touch(digest);
         self.after_write();
         Ok(dest)
+    }
+
+    /// Whether the disk has room for a download of `size` bytes (keeping a
+    /// margin free). If not, least recently used files are evicted to make room;
+    /// `false` means even that was not enough.
+    pub fn make_room(&self, size: u64) -> bool {
+        let free = || fs2::available_space(&self.inner.root).unwrap_or(u64::MAX);
+        let needed = size.saturating_add(ROOM_MARGIN);
+        if free() >= needed {
+            return true;
+        }
+        let short = needed - free();
+        if let Err(e) = self.evict_to(self.usage().saturating_sub(short)) {
+            tracing::warn!(error = %e, "eviction to make room failed");
+        }
+        free() >= needed
     }
 
     /// Bytes stored under `blobs/`.

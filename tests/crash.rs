@@ -253,3 +253,59 @@ async fn a_capped_store_evicts_the_least_recently_used_image() {
     // An evicted image is fetched again on demand.
     pull_all(&url, &[("library/b", b.clone())]).await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_full_disk_serves_without_caching_and_recovers_when_space_returns() {
+    let img = Image::big(88, 12 * 1024 * 1024);
+    let layer = img.layers().last().unwrap().clone();
+    let upstream = Registry::anonymous()
+        .image("library/full", "1", img.clone())
+        .start()
+        .await;
+    let disk = support::storage::Tmpfs::mount("8m");
+    let data = disk.path().join("data");
+    let cache = support::cache::Cache::builder()
+        .upstream("docker.io", &upstream.url())
+        .library_prefix()
+        .prefetch(false)
+        .data(&data)
+        .start()
+        .await;
+    let stored = data
+        .join("blobs/sha256")
+        .join(&layer.digest[7..9])
+        .join(&layer.digest[7..]);
+    let url = format!("{}/v2/library/full/blobs/{}", cache.url(), layer.digest);
+    // The 12 MiB layer cannot fit on the 8 MiB disk: the client still gets it, whole and right.
+    let got = stream_digest(&url, &[]).await;
+    assert_eq!((got.status, got.error.as_deref()), (200, None));
+    assert_eq!(
+        (got.digest.as_str(), got.len),
+        (layer.digest.as_str(), layer.size())
+    );
+    assert!(!stored.exists(), "nothing kept");
+    let tmp: Vec<_> = std::fs::read_dir(data.join("tmp")).unwrap().collect();
+    assert!(tmp.is_empty(), "no partial file left: {tmp:?}");
+    // Small things still cache.
+    let m = support::cache::raw_request(
+        &format!("{}/v2/library/full/manifests/1", cache.url()),
+        reqwest::Method::GET,
+        &[("accept", media::ACCEPT_ALL)],
+    )
+    .await;
+    assert_eq!(m.status, 200);
+    // Space returns: the next pull caches it.
+    disk.resize("64m");
+    let again = stream_digest(&url, &[]).await;
+    assert_eq!(again.digest, layer.digest);
+    let landed = support::wait_until("the blob to be stored", Duration::from_secs(10), || {
+        let there = stored.exists();
+        async move { there.then_some(()) }
+    })
+    .await;
+    assert!(landed.is_ok(), "cached once there is room");
+    assert_eq!(
+        sha256_digest(&std::fs::read(&stored).unwrap()),
+        layer.digest
+    );
+}

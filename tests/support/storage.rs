@@ -279,3 +279,55 @@ impl Cutting {
         format!("http://{}", self.addr)
     }
 }
+
+/// A small tmpfs mounted (as root) for the test: a disk that fills up.
+pub struct Tmpfs {
+    dir: tempfile::TempDir,
+}
+
+impl Tmpfs {
+    /// Mounts a tmpfs of `size` (e.g. `8m`) on a fresh directory.
+    pub fn mount(size: &str) -> Tmpfs {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let done = super::run(
+            std::process::Command::new("mount")
+                .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+                .arg(dir.path()),
+            super::READY_TIMEOUT,
+        )
+        .expect("run mount");
+        assert!(
+            done.success,
+            "mounting a tmpfs (needs root): {}",
+            done.stderr
+        );
+        Tmpfs { dir }
+    }
+
+    /// Where it is mounted.
+    pub fn path(&self) -> &std::path::Path {
+        self.dir.path()
+    }
+
+    /// Grows (or shrinks) it in place: space returns.
+    pub fn resize(&self, size: &str) {
+        let done = super::run(
+            std::process::Command::new("mount")
+                .args(["-o", &format!("remount,size={size}")])
+                .arg(self.dir.path()),
+            super::READY_TIMEOUT,
+        )
+        .expect("run mount");
+        assert!(done.success, "resizing the tmpfs: {}", done.stderr);
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        // Lazy: files a test left open do not keep the mount alive.
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(self.dir.path())
+            .status();
+    }
+}
