@@ -105,6 +105,29 @@ async fn main() {
         });
     }
 
+    // The cost of durability: the same cold storms with fsync off ([storage] fsync = false).
+    eprintln!("load bench: storms through a cold cache without fsync…");
+    let config_nosync = format!("{config}\n[storage]\nfsync = false\n");
+    let mut storms_nosync = Vec::new();
+    for _ in 0..STORM_ROUNDS {
+        let cache = CacheProcess::start(&config_nosync, &[]).await;
+        storms_nosync.push(Latencies::of(
+            phase(storm(&cache.url(), &storm_image)).await,
+        ));
+    }
+    let p99_median = |rounds: &[Duration]| {
+        let mut v = rounds.to_vec();
+        v.sort();
+        v[v.len() / 2]
+    };
+    let with_fsync = p99_median(
+        &storms_cache
+            .iter()
+            .map(|r| r.latencies.p99)
+            .collect::<Vec<_>>(),
+    );
+    let without_fsync = p99_median(&storms_nosync.iter().map(|l| l.p99).collect::<Vec<_>>());
+
     // --- 2. Warm throughput ------------------------------------------------------------
     eprintln!("load bench: warm throughput…");
     let cache = CacheProcess::start(&config, &[]).await;
@@ -165,8 +188,21 @@ async fn main() {
         load: (load_before, load_average()),
     };
     report.print();
+    println!(
+        "\nDurability: storm p99 (median of {STORM_ROUNDS} rounds) with fsync {:.1} ms, without {:.1} ms: fsync costs {:.2}x",
+        ms(with_fsync),
+        ms(without_fsync),
+        ratio(with_fsync, without_fsync)
+    );
     let path = json_path();
-    let text = serde_json::to_string_pretty(&report.json()).expect("serialize report");
+    let mut json = report.json();
+    json["durability"] = json!({
+        "storm_p99_ms_with_fsync": ms(with_fsync),
+        "storm_p99_ms_without_fsync": ms(without_fsync),
+        "ratio": ratio(with_fsync, without_fsync),
+        "failed_without_fsync": storms_nosync.iter().map(|l| l.failed).sum::<usize>(),
+    });
+    let text = serde_json::to_string_pretty(&json).expect("serialize report");
     match std::fs::write(&path, text + "\n") {
         Ok(()) => println!("\nwritten: {}", path.display()),
         Err(e) => println!("\ncannot write {}: {e}", path.display()),

@@ -82,6 +82,10 @@ pub struct StorageConfig {
     /// …and removes least recently used blobs until it is under this fraction.
     #[serde(default = "default_low_watermark")]
     pub low_watermark: f64,
+    /// fsync data before the rename into `blobs/` and the directory after it.
+    /// Turn off only where the disk does not outlive the node (an emptyDir).
+    #[serde(default = "yes")]
+    pub fsync: bool,
 }
 
 fn default_high_watermark() -> f64 {

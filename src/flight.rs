@@ -587,7 +587,7 @@ fn write(
                 actual: actual.to_string(),
             });
         }
-        file.sync_all().map_err(|e| io_store_error(&tmp, e))?;
+        store.sync(&file).map_err(|e| io_store_error(&tmp, e))?;
         drop(file);
         // Index first, then the rename: once the file is visible under blobs/, its
         // links are already there, so no request sees it stored yet unlinked (and

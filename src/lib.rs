@@ -52,7 +52,7 @@ pub fn build(config: &config::Config) -> Result<cache::Cache, ServeError> {
         .storage
         .watermarks()
         .map(|(max, high, low)| store::Cap { max, high, low });
-    let store = store::Store::open_capped(&config.storage.path, cap)?;
+    let store = store::Store::open_with(&config.storage.path, cap, config.storage.fsync)?;
     let metrics = metrics::Metrics::new();
     let upstreams =
         upstream::Upstreams::new(&config.upstreams, &config.default_upstream, &metrics)?;

@@ -122,6 +122,8 @@ struct Inner {
     usage: AtomicU64,
     /// The size cap, if any.
     cap: Option<Cap>,
+    /// Whether data and directory entries are fsynced before a file counts as stored.
+    fsync: bool,
     /// Files being read; never evicted. A std mutex: held only to count.
     pins: std::sync::Mutex<std::collections::HashMap<Digest, usize>>,
     /// Whether an eviction is running (one at a time).
@@ -171,12 +173,13 @@ pub struct EvictReport {
 impl Store {
     /// Opens (creating if needed) the store at `root` and empties `tmp/`.
     pub fn open(root: &Path) -> Result<Store, StoreError> {
-        Store::open_capped(root, None)
+        Store::open_with(root, None, true)
     }
 
     /// Like [`Store::open`], evicting least recently used files past `cap`'s
-    /// high watermark until usage is under its low one.
-    pub fn open_capped(root: &Path, cap: Option<Cap>) -> Result<Store, StoreError> {
+    /// high watermark until usage is under its low one, and fsyncing (the
+    /// durable default) or not (for disposable storage).
+    pub fn open_with(root: &Path, cap: Option<Cap>, fsync: bool) -> Result<Store, StoreError> {
         let blobs = root.join("blobs");
         let tmp = root.join("tmp");
         fs::create_dir_all(&blobs).map_err(io_at(&blobs))?;
@@ -207,6 +210,7 @@ impl Store {
                 next_tmp: AtomicU64::new(0),
                 usage: AtomicU64::new(0),
                 cap,
+                fsync,
                 pins: Default::default(),
                 evicting: false.into(),
                 evicted: Default::default(),
@@ -381,9 +385,11 @@ impl Store {
         let replaced = fs::metadata(&dest).map(|m| m.len()).ok();
         fs::rename(tmp, &dest).map_err(io_at(&dest))?;
         // The rename is durable only once the directory entry is.
-        fs::File::open(dir)
-            .and_then(|d| d.sync_all())
-            .map_err(io_at(dir))?;
+        if self.inner.fsync {
+            fs::File::open(dir)
+                .and_then(|d| d.sync_all())
+                .map_err(io_at(dir))?;
+        }
         self.inner.usage.fetch_add(
             size.saturating_sub(replaced.unwrap_or(0)),
             Ordering::Relaxed,
@@ -393,10 +399,28 @@ impl Store {
         Ok(dest)
     }
 
+    /// Flushes a file's data to disk before it is committed (unless the store
+    /// was opened without fsync).
+    pub fn sync(&self, file: &fs::File) -> io::Result<()> {
+        if self.inner.fsync {
+            file.sync_all()
+        } else {
+            Ok(())
+        }
+    }
+
     /// Whether the disk has room for a download of `size` bytes (keeping a
     /// margin free). If not, least recently used files are evicted to make room;
     /// `false` means even that was not enough.
     pub fn make_room(&self, size: u64) -> bool {
+        // A write that would cross the cap's high watermark evicts first.
+        if let Some(cap) = self.inner.cap {
+            if self.usage().saturating_add(size) > cap.high {
+                if let Err(e) = self.evict_to(cap.low.saturating_sub(size)) {
+                    tracing::warn!(error = %e, "eviction before a download failed");
+                }
+            }
+        }
         let free = || fs2::available_space(&self.inner.root).unwrap_or(u64::MAX);
         let needed = size.saturating_add(ROOM_MARGIN);
         if free() >= needed {
@@ -547,7 +571,7 @@ impl Store {
         let tmp = self.tmp_path(digest);
         let mut f = fs::File::create(&tmp).map_err(io_at(&tmp))?;
         f.write_all(bytes)
-            .and_then(|_| f.sync_all())
+            .and_then(|_| self.sync(&f))
             .map_err(io_at(&tmp))?;
         self.commit(&tmp, digest).map(|_| ())
     }
