@@ -245,6 +245,11 @@ struct Inner {
     prefetch_slots: HashMap<String, Arc<tokio::sync::Semaphore>>,
 }
 
+/// How long ago upstream last confirmed a tag mapping.
+fn age(record: &TagRecord) -> Duration {
+    Duration::from_millis(now_ms().saturating_sub(record.fetched_at_ms))
+}
+
 /// Milliseconds since the Unix epoch: tag ages are compared with ttls of a few seconds.
 fn now_ms() -> u64 {
     SystemTime::now()
@@ -324,7 +329,6 @@ impl Cache {
     ) -> Result<Manifest, CacheError> {
         let policy = &self.inner.policy;
         let old = self.inner.store.index().tag(up.name(), repo, tag)?;
-        let age = |r: &TagRecord| Duration::from_millis(now_ms().saturating_sub(r.fetched_at_ms));
         if let Some(record) = &old {
             let expired = age(record) >= policy.tag_ttl;
             // Low on rate-limit budget: serve what we have rather than spend a pull on a HEAD.
@@ -516,7 +520,6 @@ impl Cache {
         let accept = accept.header_value();
         let index = self.inner.store.index();
         let old = index.variant(up.name(), repo, tag, &accept)?;
-        let age = |r: &TagRecord| Duration::from_millis(now_ms().saturating_sub(r.fetched_at_ms));
         if let Some(r) = old.as_ref().filter(|r| age(r) < self.inner.policy.tag_ttl) {
             let digest = self.record_digest(r)?;
             return self.manifest_by_digest(up, repo, &digest).await;

@@ -199,11 +199,7 @@ async fn verify_and_index_rebuild_on_a_real_store() {
     assert!(ok.stderr.contains("0 mismatching"), "{}", ok.stderr);
 
     let layer = &img.layers()[0];
-    let path = data
-        .path()
-        .join("blobs/sha256")
-        .join(&layer.digest[7..9])
-        .join(&layer.digest[7..]);
+    let path = support::cache::blob_file(data.path(), &layer.digest);
     std::fs::write(&path, b"flipped bits").unwrap();
     let bad = run_binary(&["verify", "--data", &dir], &[]);
     assert!(!bad.success);
@@ -268,14 +264,9 @@ async fn a_capped_store_evicts_the_least_recently_used_image() {
     pull_all(&url, &[("library/a", a.clone())]).await.unwrap();
     pull_all(&url, &[("library/c", c.clone())]).await.unwrap();
     let stored = |img: &Image| {
-        img.own_blobs().iter().all(|b| {
-            cache
-                .data()
-                .join("blobs/sha256")
-                .join(&b.digest[7..9])
-                .join(&b.digest[7..])
-                .exists()
-        })
+        img.own_blobs()
+            .iter()
+            .all(|b| support::cache::blob_file(cache.data(), &b.digest).exists())
     };
     let low = 0.7 * 16.0 * 1024.0 * 1024.0;
     let scrape = || {
@@ -326,10 +317,7 @@ async fn a_full_disk_serves_without_caching_and_recovers_when_space_returns() {
         .data(&data)
         .start()
         .await;
-    let stored = data
-        .join("blobs/sha256")
-        .join(&layer.digest[7..9])
-        .join(&layer.digest[7..]);
+    let stored = support::cache::blob_file(&data, &layer.digest);
     let url = format!("{}/v2/library/full/blobs/{}", cache.url(), layer.digest);
     // The 12 MiB layer cannot fit on the 8 MiB disk: the client still gets it, whole and right.
     let got = stream_digest(&url, &[]).await;

@@ -111,12 +111,7 @@ async fn a_reader_that_hangs_up_leaves_the_others_and_the_stored_blob_intact() {
             (None, layer.digest.clone(), layer.size())
         );
     }
-    let stored = rig
-        .cache
-        .data()
-        .join("blobs/sha256")
-        .join(&layer.digest[7..9])
-        .join(&layer.digest[7..]);
+    let stored = support::cache::blob_file(rig.cache.data(), &layer.digest);
     let bytes = std::fs::read(&stored).expect("the blob is stored");
     assert_eq!(support::images::sha256_digest(&bytes), layer.digest);
     rig.quiesce().await;
@@ -198,12 +193,7 @@ async fn a_lying_upstream_fails_every_reader_and_nothing_is_stored() {
             "never the wrong bytes in full"
         );
     }
-    let stored = rig
-        .cache
-        .data()
-        .join("blobs/sha256")
-        .join(&layer.digest[7..9])
-        .join(&layer.digest[7..]);
+    let stored = support::cache::blob_file(rig.cache.data(), &layer.digest);
     assert!(!stored.exists(), "nothing stored");
     let tmp: Vec<_> = std::fs::read_dir(rig.cache.data().join("tmp"))
         .unwrap()

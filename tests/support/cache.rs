@@ -303,6 +303,12 @@ impl Rig {
     }
 }
 
+/// Where a cache with data directory `data` keeps the file for `digest` (`sha256:…`).
+pub fn blob_file(data: &Path, digest: &str) -> PathBuf {
+    let hex = digest.trim_start_matches("sha256:");
+    data.join("blobs/sha256").join(&hex[..2]).join(hex)
+}
+
 /// What a streamed download delivered: status, the sha256 and length of the
 /// body, or the error that ended it. Bodies are hashed as they arrive, never held.
 #[derive(Debug, Clone, PartialEq, Eq)]
