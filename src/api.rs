@@ -4,6 +4,7 @@
 
 mod error;
 mod route;
+mod status;
 
 pub use error::{ApiError, ErrorCode, Target};
 pub use route::{Endpoint, Route};
@@ -36,6 +37,8 @@ pub fn router(cache: Cache) -> Router {
         .route("/v2/{*rest}", any(v2))
         .route("/", get(home))
         .route("/metrics", get(metrics))
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
         .layer(axum::middleware::from_fn_with_state(cache.clone(), measure))
         .with_state(cache)
         // Every answer, errors included, says which API it speaks.
@@ -45,9 +48,11 @@ pub fn router(cache: Cache) -> Router {
         ))
         .layer(PropagateRequestIdLayer::new(REQUEST_ID))
         .layer(
+            // Spans and hyper-level detail at debug; the one info line per request
+            // is written by `measure`.
             TraceLayer::new_for_http()
-                .make_span_with(DefaultMakeSpan::new().level(Level::INFO))
-                .on_response(DefaultOnResponse::new().level(Level::INFO)),
+                .make_span_with(DefaultMakeSpan::new().level(Level::DEBUG))
+                .on_response(DefaultOnResponse::new().level(Level::DEBUG)),
         )
         .layer(SetRequestIdLayer::new(REQUEST_ID, MakeRequestUuid))
 }
@@ -70,12 +75,34 @@ async fn measure(
     } else {
         RouteKind::other
     };
+    let request_id = request
+        .headers()
+        .get(&REQUEST_ID)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_string();
+    let (method, uri) = (request.method().clone(), request.uri().clone());
     let started = std::time::Instant::now();
     let response = next.run(request).await;
-    cache.metrics().request(
-        route,
-        response.status().as_u16(),
-        started.elapsed().as_secs_f64(),
+    let elapsed = started.elapsed();
+    cache
+        .metrics()
+        .request(route, response.status().as_u16(), elapsed.as_secs_f64());
+    // One line per request. Headers are never logged: they may carry credentials.
+    let bytes = response
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("-")
+        .to_string();
+    tracing::info!(
+        request_id,
+        %method,
+        %uri,
+        status = response.status().as_u16(),
+        bytes,
+        duration_ms = elapsed.as_secs_f64() * 1000.0,
+        "request"
     );
     response
 }
@@ -95,12 +122,35 @@ async fn metrics(State(cache): State<Cache>) -> impl IntoResponse {
     )
 }
 
-async fn home() -> &'static str {
-    concat!(
-        "pullthrough ",
-        env!("CARGO_PKG_VERSION"),
-        ": a pull-through cache for OCI registries. Point clients at /v2/.\n"
+async fn home(State(cache): State<Cache>) -> impl IntoResponse {
+    (
+        [(header::CONTENT_TYPE, "text/html; charset=utf-8")],
+        status::render(&cache),
     )
+}
+
+/// The process serves: for liveness probes.
+async fn healthz() -> &'static str {
+    "ok\n"
+}
+
+/// The store is open and writable: for readiness probes. Upstream reachability
+/// is deliberately not part of it, so an upstream outage never takes the cache
+/// out of its Service (it serves what it has).
+async fn readyz(State(cache): State<Cache>) -> Response {
+    let store = cache.store().clone();
+    let writable = tokio::task::spawn_blocking(move || store.writable())
+        .await
+        .unwrap_or(false);
+    if writable {
+        "ready\n".into_response()
+    } else {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the store is not writable\n",
+        )
+            .into_response()
+    }
 }
 
 async fn version_check(method: Method) -> Result<impl IntoResponse, ApiError> {
@@ -144,6 +194,9 @@ async fn v2(
             }
             .map_err(ApiError::cache(Target::Manifest))?;
             if !head {
+                if matches!(reference, Reference::Tag(_)) {
+                    cache.metrics().pulled(up.name(), repo.as_str());
+                }
                 cache.prefetch(up, &repo, &manifest);
                 cache
                     .metrics()

@@ -392,6 +392,52 @@ impl Flights {
     pub fn in_progress(&self) -> usize {
         self.map.lock().expect("flight map poisoned").len()
     }
+
+    /// What each download in progress is doing, for the status page.
+    pub fn snapshot(&self) -> Vec<FlightView> {
+        let flights: Vec<(String, Arc<Flight>)> = self
+            .map
+            .lock()
+            .expect("flight map poisoned")
+            .iter()
+            .map(|((upstream, _), f)| (upstream.clone(), f.clone()))
+            .collect();
+        flights
+            .into_iter()
+            .map(|(upstream, f)| {
+                let (bytes, size) = match &*f.state.borrow() {
+                    State::Streaming { size, visible } => (*visible, *size),
+                    State::Done { size } => (*size, Some(*size)),
+                    State::Starting | State::Failed(_) => (0, None),
+                };
+                FlightView {
+                    upstream,
+                    repository: f.origin.clone(),
+                    digest: f.digest.to_string(),
+                    bytes,
+                    size,
+                    readers: f.readers.load(Ordering::SeqCst),
+                }
+            })
+            .collect()
+    }
+}
+
+/// One download in progress, as the status page shows it.
+#[derive(Debug, Clone)]
+pub struct FlightView {
+    /// The upstream it comes from.
+    pub upstream: String,
+    /// The repository whose request started it.
+    pub repository: String,
+    /// What is being downloaded.
+    pub digest: String,
+    /// Bytes landed so far.
+    pub bytes: u64,
+    /// What upstream announced.
+    pub size: Option<u64>,
+    /// Clients reading it now.
+    pub readers: usize,
 }
 
 /// The leader's right and duty to settle a flight. Dropping it unsettled fails the flight.

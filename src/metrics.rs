@@ -118,6 +118,33 @@ struct Inner {
     store_max_bytes: Gauge,
     store_evicted_files: Gauge,
     store_evicted_bytes: Gauge,
+    /// Manifest pulls per `upstream/repository`, for the status page's "most
+    /// pulled" (never a metric label). A std mutex: held only to count.
+    pulls: std::sync::Mutex<std::collections::HashMap<String, u64>>,
+    /// Bytes fetched from every upstream together.
+    fetched: std::sync::atomic::AtomicU64,
+}
+
+/// Repositories remembered for "most pulled"; past this, new ones are not counted.
+const MAX_REPOSITORIES: usize = 10_000;
+
+/// Totals since start, for the status page.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Totals {
+    /// Requests answered from the store.
+    pub hits: u64,
+    /// Requests that started a download.
+    pub misses: u64,
+    /// Requests that joined a download.
+    pub coalesced: u64,
+    /// Tags served stale.
+    pub stale: u64,
+    /// Bytes served from the store.
+    pub served_from_store: u64,
+    /// Bytes served from downloads in flight.
+    pub served_from_flights: u64,
+    /// Bytes downloaded from upstream.
+    pub fetched: u64,
 }
 
 fn seconds() -> Histogram {
@@ -270,6 +297,8 @@ impl Metrics {
                 store_max_bytes,
                 store_evicted_files,
                 store_evicted_bytes,
+                pulls: Default::default(),
+                fetched: Default::default(),
             }),
         }
     }
@@ -335,6 +364,54 @@ impl Metrics {
                 upstream: upstream.into(),
             })
             .inc_by(bytes);
+        self.inner
+            .fetched
+            .fetch_add(bytes, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// A manifest pulled from `upstream`'s `repository` (for "most pulled").
+    pub fn pulled(&self, upstream: &str, repository: &str) {
+        let mut pulls = self.inner.pulls.lock().expect("pulls poisoned");
+        let key = format!("{upstream}/{repository}");
+        if let Some(n) = pulls.get_mut(&key) {
+            *n += 1;
+        } else if pulls.len() < MAX_REPOSITORIES {
+            pulls.insert(key, 1);
+        }
+    }
+
+    /// The `n` most pulled repositories, most first.
+    pub fn most_pulled(&self, n: usize) -> Vec<(String, u64)> {
+        let pulls = self.inner.pulls.lock().expect("pulls poisoned");
+        let mut all: Vec<(String, u64)> = pulls.iter().map(|(k, v)| (k.clone(), *v)).collect();
+        all.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
+        all.truncate(n);
+        all
+    }
+
+    /// Totals since start.
+    pub fn totals(&self) -> Totals {
+        let i = &self.inner;
+        let outcome = |outcome| {
+            [Route::manifest, Route::blob]
+                .into_iter()
+                .map(|kind| {
+                    i.outcomes
+                        .get_or_create(&OutcomeLabels { kind, outcome })
+                        .get()
+                })
+                .sum()
+        };
+        let source = |source| i.served_bytes.get_or_create(&SourceLabels { source }).get();
+        Totals {
+            hits: outcome(Outcome::hit),
+            misses: outcome(Outcome::miss),
+            coalesced: outcome(Outcome::coalesced),
+            stale: outcome(Outcome::stale),
+            served_from_store: source(Source::store),
+            served_from_flights: source(Source::flight),
+            fetched: i.fetched.load(std::sync::atomic::Ordering::Relaxed),
+        }
     }
 
     /// A token fetched.

@@ -433,6 +433,17 @@ impl Store {
         free() >= needed
     }
 
+    /// Whether a file can be created (and removed) under `tmp/` right now.
+    pub fn writable(&self) -> bool {
+        let probe = self.inner.root.join("tmp").join(format!(
+            "ready-{}",
+            self.inner.next_tmp.fetch_add(1, Ordering::Relaxed)
+        ));
+        let ok = fs::write(&probe, b"ok").is_ok();
+        let _ = fs::remove_file(&probe);
+        ok
+    }
+
     /// Bytes stored under `blobs/`.
     pub fn usage(&self) -> u64 {
         self.inner.usage.load(Ordering::Relaxed)

@@ -173,3 +173,102 @@ async fn rate_limit_headroom_and_circuit_state_are_exposed() {
         String::from_utf8_lossy(&rig.request(Method::GET, "/metrics", &[]).await.body).to_string();
     assert!(!text.contains("library/"), "no repository names in labels");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_status_page_shows_downloads_in_flight_upstreams_and_most_pulled_without_secrets() {
+    let img = Image::big(73, 8 * 1024 * 1024);
+    let layer = img.layers().last().unwrap().clone();
+    let mut rig = Rig::start_with(
+        Registry::basic("pagen", "s3cret-pa55").image("library/page", "1", img.clone()),
+        |c| c.prefetch(false).credentials("pagen", "s3cret-pa55"),
+    )
+    .await;
+    assert_eq!(
+        rig.request(Method::GET, "/v2/library/page/manifests/1", &[ALL])
+            .await
+            .status,
+        200
+    );
+    rig.front.set_mode(Mode::Slow { rate: 1024 * 1024 }).await;
+    // Two clients read one slow download.
+    let url = format!("{}/v2/library/page/blobs/{}", rig.cache.url(), layer.digest);
+    let readers: Vec<_> = (0..2)
+        .map(|_| {
+            let url = url.clone();
+            tokio::spawn(async move { stream_digest(&url, &[]).await })
+        })
+        .collect();
+    let page = support::wait_until(
+        "the page to show the download",
+        Duration::from_secs(20),
+        || async {
+            let r = rig.request(Method::GET, "/", &[]).await;
+            let text = String::from_utf8_lossy(&r.body).to_string();
+            (text.contains(&layer.digest) && text.contains("<td>2</td>")).then_some((r, text))
+        },
+    )
+    .await
+    .unwrap_or_else(|e| panic!("{e}"));
+    let (response, text) = page;
+    assert_eq!(
+        response.header("content-type"),
+        Some("text/html; charset=utf-8")
+    );
+    assert!(text.contains("Downloads in progress (1)"), "{text}");
+    assert!(
+        text.contains("library/page"),
+        "the repository and most pulled: {text}"
+    );
+    assert!(text.contains("docker.io"), "upstreams: {text}");
+    assert!(
+        !text.contains("s3cret") && !text.contains("pagen"),
+        "no credentials: {text}"
+    );
+    assert!(
+        !text.contains("<script") && !text.contains("<form"),
+        "no JavaScript, nothing to act with"
+    );
+    for r in readers {
+        assert_eq!(r.await.unwrap().digest, layer.digest);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn health_and_readiness_follow_the_process_and_the_store_not_upstream() {
+    let disk = support::storage::Tmpfs::mount("16m");
+    let mut rig = Rig::start_with(
+        Registry::anonymous().image("library/h", "1", Image::single(74)),
+        |c| c.data(&disk.path().join("data")),
+    )
+    .await;
+    for path in ["/healthz", "/readyz"] {
+        assert_eq!(
+            rig.request(Method::GET, path, &[]).await.status,
+            200,
+            "{path}"
+        );
+    }
+    rig.front.stop();
+    assert_eq!(
+        rig.request(Method::GET, "/readyz", &[]).await.status,
+        200,
+        "an upstream outage is not unreadiness"
+    );
+    // Fill the disk to the last byte: the store can no longer write.
+    let filler = disk.path().join("filler");
+    {
+        use std::io::Write;
+        let mut f = std::fs::File::create(&filler).unwrap();
+        let chunk = vec![0u8; 1 << 20];
+        while f.write_all(&chunk).is_ok() {}
+        while f.write_all(&[0u8]).is_ok() {}
+    }
+    assert_eq!(
+        rig.request(Method::GET, "/readyz", &[]).await.status,
+        503,
+        "a store that cannot write is"
+    );
+    assert_eq!(rig.request(Method::GET, "/healthz", &[]).await.status, 200);
+    std::fs::remove_file(&filler).unwrap();
+    assert_eq!(rig.request(Method::GET, "/readyz", &[]).await.status, 200);
+}

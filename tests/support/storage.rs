@@ -311,14 +311,23 @@ impl Tmpfs {
 
     /// Grows (or shrinks) it in place: space returns.
     pub fn resize(&self, size: &str) {
+        self.remount(&format!("size={size}"));
+    }
+
+    /// Remounts it with other options.
+    fn remount(&self, options: &str) {
         let done = super::run(
             std::process::Command::new("mount")
-                .args(["-o", &format!("remount,size={size}")])
+                .args(["-o", &format!("remount,{options}")])
                 .arg(self.dir.path()),
             super::READY_TIMEOUT,
         )
         .expect("run mount");
-        assert!(done.success, "resizing the tmpfs: {}", done.stderr);
+        assert!(
+            done.success,
+            "remounting the tmpfs ({options}): {}",
+            done.stderr
+        );
     }
 }
 
