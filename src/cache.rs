@@ -603,6 +603,7 @@ impl Cache {
     ) -> Result<Manifest, CacheError> {
         let store = &self.inner.store;
         let metrics = &self.inner.metrics;
+        let _pin = store.pin(digest);
         if store.blob_size(digest).is_some() {
             if let Some(record) = store.index().manifest(digest)? {
                 self.confirm(up, repo, digest, true).await?;
@@ -762,6 +763,9 @@ impl Cache {
     ) -> Result<Result<BlobAnswer, Unsatisfiable>, CacheError> {
         let store = &self.inner.store;
         let metrics = &self.inner.metrics;
+        // Pinned from the first look: eviction cannot remove it between the
+        // check and the open (the body then holds its own pin).
+        let _pin = store.pin(digest);
         if store.blob_size(digest).is_some() {
             self.confirm(up, repo, digest, false).await?;
             metrics.outcome(Route::blob, Outcome::hit);

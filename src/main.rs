@@ -218,10 +218,16 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let path = store_at(config, data)?;
             let index = path.join("index");
             if index.exists() {
-                // Fail now, and clearly, if a cache is running on this store.
-                drop(pullthrough::store::Index::open(&index).with_context(|| {
-                    format!("{} is in use (is the cache running?)", index.display())
-                })?);
+                // Fail now, and clearly, if a cache is running on this store; an
+                // unreadable index is exactly what this command is for.
+                match pullthrough::store::Index::open(&index) {
+                    Err(pullthrough::store::StoreError::Index(e))
+                        if pullthrough::store::is_lock_error(&e) =>
+                    {
+                        anyhow::bail!("{} is in use (is the cache running?)", index.display())
+                    }
+                    _ => {}
+                }
                 let aside = path.join(format!(
                     "index.old-{}",
                     std::time::SystemTime::now()

@@ -79,11 +79,30 @@ fn manifest_media_type(bytes: &[u8]) -> Option<String> {
     }
 }
 
+/// Whether sled's error says the index itself is unreadable (as opposed to the
+/// disk being full, a permission, or another process holding it: those must
+/// not cost the index).
+fn is_corruption(e: &sled::Error) -> bool {
+    match e {
+        sled::Error::Corruption { .. }
+        | sled::Error::Unsupported(_)
+        | sled::Error::ReportableBug(_) => true,
+        sled::Error::Io(io) => {
+            !is_lock_error(e)
+                && matches!(
+                    io.kind(),
+                    io::ErrorKind::InvalidData | io::ErrorKind::UnexpectedEof | io::ErrorKind::InvalidInput
+                )
+        }
+        _ => false,
+    }
+}
+
 /// Whether sled failed because another process holds the directory.
 /// (sled 0.34 wraps the `flock` failure in an error of kind `Other` whose text
 /// names it, so both are checked: mistaking a live index for a broken one would
 /// move a running cache's index aside.)
-fn is_lock_error(e: &sled::Error) -> bool {
+pub fn is_lock_error(e: &sled::Error) -> bool {
     matches!(e, sled::Error::Io(io)
         if io.kind() == io::ErrorKind::WouldBlock
             || io.raw_os_error() == Some(11)
@@ -188,7 +207,7 @@ impl Store {
         let index_dir = root.join("index");
         let (index, rebuilt) = match Index::open(&index_dir) {
             Ok(index) => (index, false),
-            Err(StoreError::Index(e)) if !is_lock_error(&e) => {
+            Err(StoreError::Index(e)) if is_corruption(&e) => {
                 // The files are the truth: an unreadable index is set aside and
                 // rebuilt from them rather than keeping the cache from starting.
                 let aside = root.join(format!("index.broken-{}", unix_secs()));

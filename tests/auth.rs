@@ -201,7 +201,7 @@ async fn a_token_is_reused_until_it_expires_then_fetched_again() {
     let img = Image::single(36);
     let rig = Rig::start_with(
         Registry::token()
-            .token_lifetime(2)
+            .token_lifetime(10)
             .image("library/exp", "1", img.clone()),
         |c| c.prefetch(false),
     )
@@ -213,8 +213,8 @@ async fn a_token_is_reused_until_it_expires_then_fetched_again() {
         assert_eq!(rig.request(Method::GET, &blob(i), &[]).await.status, 200);
     }
     assert_eq!(tokens.issued() - before, 1, "reused while valid");
-    // A 2 s token is kept for half its life; past it the next request fetches a new one.
-    tokio::time::sleep(std::time::Duration::from_millis(2500)).await;
+    // A 10 s token is kept for half its life; past it the next request fetches a new one.
+    tokio::time::sleep(std::time::Duration::from_millis(6000)).await;
     let m = rig
         .request(Method::GET, "/v2/library/exp/manifests/1", &[ALL])
         .await;

@@ -95,9 +95,12 @@ impl Ticket<'_> {
 impl Drop for Ticket<'_> {
     fn drop(&mut self) {
         if self.probe && !self.recorded {
-            // The probe's caller went away: let the next request probe instead.
-            *self.health.circuit.lock().expect("circuit poisoned") =
-                Circuit::HalfOpen { probing: false };
+            // The probe's caller went away: let the next request probe instead
+            // (unless another request has settled the circuit meanwhile).
+            let mut circuit = self.health.circuit.lock().expect("circuit poisoned");
+            if matches!(*circuit, Circuit::HalfOpen { probing: true }) {
+                *circuit = Circuit::HalfOpen { probing: false };
+            }
         }
     }
 }
@@ -245,7 +248,7 @@ mod tests {
     fn policy() -> HealthPolicy {
         HealthPolicy {
             failures_to_open: 3,
-            open_for: Duration::from_millis(50),
+            open_for: Duration::from_millis(500),
             retries: 2,
             backoff: Duration::from_millis(100),
             max_backoff: Duration::from_secs(1),
@@ -268,12 +271,12 @@ mod tests {
         }
         assert_eq!(h.state(), CircuitState::Open);
         assert!(h.admit().is_err(), "no traffic while open");
-        std::thread::sleep(Duration::from_millis(60));
+        std::thread::sleep(Duration::from_millis(600));
         let probe = h.admit().expect("a probe after open_for");
         assert!(h.admit().is_err(), "one probe at a time");
         probe.record(false);
         assert_eq!(h.state(), CircuitState::Open, "a failed probe reopens");
-        std::thread::sleep(Duration::from_millis(60));
+        std::thread::sleep(Duration::from_millis(600));
         h.admit().unwrap().record(true);
         assert_eq!(h.state(), CircuitState::Closed);
     }
@@ -284,7 +287,7 @@ mod tests {
         for _ in 0..3 {
             h.admit().unwrap().record(false);
         }
-        std::thread::sleep(Duration::from_millis(60));
+        std::thread::sleep(Duration::from_millis(600));
         drop(h.admit().unwrap());
         assert!(h.admit().is_ok());
     }
