@@ -623,38 +623,15 @@ impl Cache {
             }
             Role::Leader(permit) => {
                 metrics.outcome(Route::manifest, Outcome::miss);
-                let flight = permit.flight().clone();
-                let resp = match up
-                    .manifest(Method::GET, repo, &digest.to_string(), MANIFEST_TYPES)
-                    .await
-                {
-                    Ok(resp) => resp,
-                    Err(e) => {
-                        permit.fail(e.clone().into());
-                        return Err(e.into());
-                    }
-                };
-                let size = header_len(&resp);
-                if size.is_some_and(|s| s > MAX_MANIFEST_BYTES) {
-                    let e = up_error(up, UpstreamErrorKind::Invalid("manifest too large".into()));
-                    permit.fail(e.clone().into());
-                    return Err(e.into());
-                }
-                let limits = flight::Limits {
-                    size,
-                    max: Some(MAX_MANIFEST_BYTES),
-                };
-                let media_type = header_str(&resp, CONTENT_TYPE).unwrap_or_default();
-                let (name, repo) = (up.name().to_string(), repo.clone());
-                let linked = digest.clone();
-                let on_commit: flight::OnCommit = Box::new(move |store: &Store, _| {
-                    store
-                        .index()
-                        .set_manifest(&linked, &ManifestRecord { media_type })?;
-                    store.link(&name, &repo, &linked)
-                });
-                self.spawn_download(up, permit, limits, resp, on_commit);
-                flight
+                // The upstream request runs in its own task: a client hanging up
+                // now must not abandon the download the others joined.
+                let (this, up2, repo2, digest2) =
+                    (self.clone(), self.shared(up), repo.clone(), digest.clone());
+                tokio::spawn(
+                    async move { this.lead_manifest(&up2, &repo2, &digest2, permit).await },
+                )
+                .await
+                .map_err(|_| CacheError::Flight(FlightError::Abandoned))??
             }
         };
         flight.finished().await?;
@@ -663,6 +640,57 @@ impl Cache {
         });
         self.confirm(up, repo, digest, true).await?;
         self.stored_manifest(digest, record.media_type)
+    }
+
+    /// Starts the download of a manifest a leader's permit is for.
+    async fn lead_manifest(
+        &self,
+        up: &Upstream,
+        repo: &RepoName,
+        digest: &Digest,
+        permit: flight::Permit,
+    ) -> Result<Arc<flight::Flight>, CacheError> {
+        let flight = permit.flight().clone();
+        let resp = match up
+            .manifest(Method::GET, repo, &digest.to_string(), MANIFEST_TYPES)
+            .await
+        {
+            Ok(resp) => resp,
+            Err(e) => {
+                permit.fail(e.clone().into());
+                return Err(e.into());
+            }
+        };
+        let size = header_len(&resp);
+        if size.is_some_and(|s| s > MAX_MANIFEST_BYTES) {
+            let e = up_error(up, UpstreamErrorKind::Invalid("manifest too large".into()));
+            permit.fail(e.clone().into());
+            return Err(e.into());
+        }
+        let limits = flight::Limits {
+            size,
+            max: Some(MAX_MANIFEST_BYTES),
+        };
+        let media_type = header_str(&resp, CONTENT_TYPE).unwrap_or_default();
+        let (name, repo) = (up.name().to_string(), repo.clone());
+        let linked = digest.clone();
+        let on_commit: flight::OnCommit = Box::new(move |store: &Store, _| {
+            store
+                .index()
+                .set_manifest(&linked, &ManifestRecord { media_type })?;
+            store.link(&name, &repo, &linked)
+        });
+        self.spawn_download(up, permit, limits, resp, on_commit);
+        Ok(flight)
+    }
+
+    /// The shared handle of an upstream, for work that must outlive the request.
+    fn shared(&self, up: &Upstream) -> Arc<Upstream> {
+        self.inner
+            .upstreams
+            .find(up.name())
+            .expect("every upstream comes from this cache's list")
+            .clone()
     }
 
     fn stored_manifest(&self, digest: &Digest, media_type: String) -> Result<Manifest, CacheError> {
@@ -800,7 +828,12 @@ impl Cache {
                     return Ok(self.stored_blob(digest, range, head)?);
                 }
                 metrics.outcome(Route::blob, Outcome::miss);
-                match self.lead_blob(up, repo, permit).await? {
+                // Its own task: a client hanging up must not abandon the others.
+                let (this, up2, repo2) = (self.clone(), self.shared(up), repo.clone());
+                let lead = tokio::spawn(async move { this.lead_blob(&up2, &repo2, permit).await })
+                    .await
+                    .map_err(|_| CacheError::Flight(FlightError::Abandoned))??;
+                match lead {
                     Lead::Flight(flight) => flight,
                     Lead::Direct(resp) => {
                         // No room on disk: this client is served straight from

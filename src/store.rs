@@ -91,7 +91,9 @@ fn is_corruption(e: &sled::Error) -> bool {
             !is_lock_error(e)
                 && matches!(
                     io.kind(),
-                    io::ErrorKind::InvalidData | io::ErrorKind::UnexpectedEof | io::ErrorKind::InvalidInput
+                    io::ErrorKind::InvalidData
+                        | io::ErrorKind::UnexpectedEof
+                        | io::ErrorKind::InvalidInput
                 )
         }
         _ => false,
