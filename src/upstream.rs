@@ -123,7 +123,7 @@ pub struct Upstream {
     auth: auth::Auth,
     /// One permit per request in progress, held until its body ends.
     slots: Arc<Semaphore>,
-    health: Health,
+    health: Arc<Health>,
     offline: bool,
     metrics: crate::metrics::Metrics,
 }
@@ -133,6 +133,8 @@ pub struct Upstream {
 pub struct Answer {
     response: Response,
     slot: OwnedSemaphorePermit,
+    /// A body that breaks off counts against the upstream's health like a 5xx.
+    health: Arc<Health>,
 }
 
 impl std::ops::Deref for Answer {
@@ -146,8 +148,16 @@ impl std::ops::Deref for Answer {
 impl Answer {
     /// The whole body.
     pub async fn bytes(self) -> reqwest::Result<bytes::Bytes> {
-        let Answer { response, slot } = self;
+        let Answer {
+            response,
+            slot,
+            health,
+        } = self;
         let body = response.bytes().await;
+        match &body {
+            Ok(_) => health.body_succeeded(),
+            Err(_) => health.body_failed(),
+        }
         drop(slot);
         body
     }
@@ -157,11 +167,31 @@ impl Answer {
         self,
     ) -> impl futures_util::Stream<Item = reqwest::Result<bytes::Bytes>> + Send {
         use futures_util::StreamExt;
-        let Answer { response, slot } = self;
-        response.bytes_stream().map(move |chunk| {
-            let _held = &slot;
-            chunk
-        })
+        let Answer {
+            response,
+            slot,
+            health,
+        } = self;
+        let body = Box::pin(response.bytes_stream());
+        futures_util::stream::unfold(
+            (body, slot, health, false),
+            |(mut body, slot, health, ended)| async move {
+                if ended {
+                    return None;
+                }
+                match body.next().await {
+                    Some(Ok(chunk)) => Some((Ok(chunk), (body, slot, health, false))),
+                    Some(Err(e)) => {
+                        health.body_failed();
+                        Some((Err(e), (body, slot, health, true)))
+                    }
+                    None => {
+                        health.body_succeeded();
+                        None
+                    }
+                }
+            },
+        )
     }
 }
 
@@ -207,14 +237,14 @@ impl Upstream {
             client,
             auth: auth::Auth::new(credentials, https),
             slots: Arc::new(Semaphore::new(config.max_connections)),
-            health: Health::new(HealthPolicy {
+            health: Arc::new(Health::new(HealthPolicy {
                 failures_to_open: config.failures_to_open,
                 open_for: config.open_for,
                 retries: config.retries,
                 backoff: config.retry_backoff,
                 max_backoff: config.retry_backoff.saturating_mul(16),
                 ratelimit_reserve: config.ratelimit_reserve,
-            }),
+            })),
             offline: config.offline,
             metrics: metrics.clone(),
         })
@@ -336,7 +366,11 @@ impl Upstream {
                 .map_err(|retry_in| self.error(UpstreamErrorKind::CircuitOpen { retry_in }))?;
             let result = self.attempt(&method, &url, repo, accept).await;
             let failed = result.as_ref().err().filter(|e| e.kind.is_failure());
-            ticket.record(failed.is_none());
+            // A GET is judged when its body ends (a body cut off is a failure); a
+            // HEAD, an error, or a half-open probe (which must settle) at once.
+            if failed.is_some() || method != Method::GET || ticket.is_probe() {
+                ticket.record(failed.is_none());
+            }
             let Some(error) = failed else {
                 return result;
             };
@@ -427,6 +461,7 @@ impl Upstream {
             return Ok(Answer {
                 response: resp,
                 slot,
+                health: self.health.clone(),
             });
         }
     }

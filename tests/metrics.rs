@@ -66,10 +66,14 @@ async fn the_exposition_counts_hits_misses_coalescing_and_stale_serves() {
         layer.size() as f64
     );
     // The download is observed just after it settles: wait for that.
-    let m = support::wait_until("the download to be observed", Duration::from_secs(10), || async {
-        let m = scrape(&rig).await;
-        (m.value("pullthrough_flight_readers_count", &[]) == 1.0).then_some(m)
-    })
+    let m = support::wait_until(
+        "the download to be observed",
+        Duration::from_secs(10),
+        || async {
+            let m = scrape(&rig).await;
+            (m.value("pullthrough_flight_readers_count", &[]) == 1.0).then_some(m)
+        },
+    )
     .await
     .unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(m.value("pullthrough_flight_readers_sum", &[]), N as f64);

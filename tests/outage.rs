@@ -407,3 +407,26 @@ async fn max_stale_and_serve_stale_on_not_found_bound_stale_serving() {
         assert_eq!(r.status, expected, "serve_stale_on_not_found = {serve}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn bodies_cut_off_mid_way_open_the_circuit_too() {
+    let upstream = Cutting::start().await;
+    let cache = Cache::builder()
+        .upstream("docker.io", &upstream.url())
+        .library_prefix()
+        .upstream_option("retries", "0")
+        .upstream_option("failures_to_open", "3")
+        .upstream_option("open_for", "\"10m\"")
+        .start()
+        .await;
+    for i in 0..10 {
+        let url = format!("{}/v2/library/cut/manifests/{i}", cache.url());
+        let r = support::cache::raw_request(&url, Method::GET, &[ALL]).await;
+        assert_eq!(r.status / 100, 5, "a cut answer is an upstream failure");
+    }
+    assert_eq!(
+        upstream.requests(),
+        3,
+        "healthy headers followed by broken bodies count as failures"
+    );
+}

@@ -85,6 +85,11 @@ pub struct Ticket<'a> {
 }
 
 impl Ticket<'_> {
+    /// Whether this request is the half-open circuit's probe.
+    pub fn is_probe(&self) -> bool {
+        self.probe
+    }
+
     /// Reports whether upstream answered healthily (anything but a transport error, 5xx or 429).
     pub fn record(mut self, healthy: bool) {
         self.recorded = true;
@@ -178,6 +183,16 @@ impl Health {
             (Circuit::Open { until }, false) => Circuit::Open { until: *until },
             (Circuit::HalfOpen { probing }, false) => Circuit::HalfOpen { probing: *probing },
         };
+    }
+
+    /// A body that broke off after healthy headers: a failure like any other.
+    pub fn body_failed(&self) {
+        self.record(false, false);
+    }
+
+    /// A body that arrived whole: upstream is healthy.
+    pub fn body_succeeded(&self) {
+        self.record(true, false);
     }
 
     /// The breaker's state now.

@@ -249,6 +249,7 @@ impl Silent {
 /// connection closes mid-body): a reset.
 pub struct Cutting {
     addr: SocketAddr,
+    requests: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 impl Cutting {
@@ -259,8 +260,11 @@ impl Cutting {
             .await
             .expect("bind cutting upstream");
         let addr = listener.local_addr().expect("local addr");
+        let requests = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let counter = requests.clone();
         tokio::spawn(async move {
             while let Ok((mut socket, _)) = listener.accept().await {
+                counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
                 tokio::spawn(async move {
                     let mut buf = [0u8; 4096];
                     let _ = socket.read(&mut buf).await;
@@ -271,7 +275,12 @@ impl Cutting {
                 });
             }
         });
-        Cutting { addr }
+        Cutting { addr, requests }
+    }
+
+    /// Connections accepted so far.
+    pub fn requests(&self) -> usize {
+        self.requests.load(std::sync::atomic::Ordering::SeqCst)
     }
 
     /// `http://127.0.0.1:PORT`
