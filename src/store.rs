@@ -330,7 +330,11 @@ impl Store {
                         .map(|p| p.to_string_lossy().replace('/', "-"))
                         .unwrap_or_else(|_| "unknown".into());
                     let dest = quarantine.join(name);
+                    let size = fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
                     fs::rename(&path, &dest).map_err(io_at(&dest))?;
+                    self.inner
+                        .usage
+                        .fetch_sub(size.min(self.usage()), Ordering::Relaxed);
                 }
                 report.bad.push(path);
             }
@@ -403,18 +407,29 @@ impl Store {
         let dir = dest.parent().expect("blob paths have a parent");
         fs::create_dir_all(dir).map_err(io_at(dir))?;
         let size = fs::metadata(tmp).map(|m| m.len()).unwrap_or(0);
-        let replaced = fs::metadata(&dest).map(|m| m.len()).ok();
-        fs::rename(tmp, &dest).map_err(io_at(&dest))?;
-        // The rename is durable only once the directory entry is.
-        if self.inner.fsync {
+        // A link, not a rename: it never replaces. If the same digest landed
+        // meanwhile (two tags of one manifest, say), that file is the same bytes;
+        // keep it, drop ours, and count it once.
+        let fresh = match fs::hard_link(tmp, &dest) {
+            Ok(()) => true,
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => false,
+            Err(e) => {
+                return Err(StoreError::Io {
+                    path: dest,
+                    source: e,
+                })
+            }
+        };
+        let _ = fs::remove_file(tmp);
+        // The link is durable only once the directory entry is.
+        if fresh && self.inner.fsync {
             fs::File::open(dir)
                 .and_then(|d| d.sync_all())
                 .map_err(io_at(dir))?;
         }
-        self.inner.usage.fetch_add(
-            size.saturating_sub(replaced.unwrap_or(0)),
-            Ordering::Relaxed,
-        );
+        if fresh {
+            self.inner.usage.fetch_add(size, Ordering::Relaxed);
+        }
         self.touch(digest);
         self.after_write();
         Ok(dest)
@@ -579,7 +594,11 @@ impl Store {
                 Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
                 Err(e) => return Err(StoreError::Io { path, source: e }),
             }
-            self.inner.index.forget(&digest)?;
+            // A download may have committed the same digest again since the
+            // removal: its index entries are then fresh, not ours to forget.
+            if !path.exists() {
+                self.inner.index.forget(&digest)?;
+            }
             self.inner
                 .usage
                 .fetch_sub(size.min(self.usage()), Ordering::Relaxed);
@@ -756,6 +775,21 @@ mod tests {
             !store.blob_path(&blobs[1].0).exists(),
             "unpinned, it is the oldest now"
         );
+    }
+
+    #[test]
+    fn the_same_digest_committed_twice_is_kept_and_counted_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let digest = Digest::sha256_of(b"same bytes");
+        store.put_small(&digest, b"same bytes").unwrap();
+        store.put_small(&digest, b"same bytes").unwrap();
+        assert_eq!(store.usage(), 10);
+        assert_eq!(
+            std::fs::read_dir(dir.path().join("tmp")).unwrap().count(),
+            0
+        );
+        assert_eq!(store.read_small(&digest).unwrap(), b"same bytes");
     }
 
     #[test]

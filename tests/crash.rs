@@ -104,8 +104,28 @@ async fn crash_rounds(cap: Option<&str>) {
     if let Some(cap) = cap {
         config += &format!("[storage]\nmax_size = \"{cap}\"\n");
     }
-    // Kill points spread over the downloads (deterministic, so a failure replays).
-    for (round, delay_ms) in [150u64, 900, 2200, 500].into_iter().enumerate() {
+    // Kill points at random over the downloads; the seed is printed (and can be
+    // set with PULLTHROUGH_CRASH_SEED) so that a failure replays.
+    let seed: u64 = std::env::var("PULLTHROUGH_CRASH_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_nanos() as u64)
+                .unwrap_or(1)
+        });
+    eprintln!("crash seed: {seed} (PULLTHROUGH_CRASH_SEED={seed} replays it)");
+    let mut x = seed | 1;
+    let delays: Vec<u64> = (0..4)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            100 + x % 2400
+        })
+        .collect();
+    for (round, delay_ms) in delays.into_iter().enumerate() {
         let mut cache = CacheProcess::start_in(&config, &[], Some(data.path())).await;
         let url = cache.url();
         let storm = tokio::spawn({
