@@ -19,6 +19,17 @@ async fn collect(mut body: BodyStream) -> io::Result<Vec<u8>> {
     Ok(out)
 }
 
+/// A fresh store, its flights, and the leader's permit for `digest`.
+fn lead(digest: &Digest) -> (tempfile::TempDir, Store, Flights, Permit) {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(dir.path()).unwrap();
+    let flights = Flights::default();
+    let Role::Leader(permit) = flights.join(&store, "up", digest, "r") else {
+        panic!("the first join leads")
+    };
+    (dir, store, flights, permit)
+}
+
 fn data(len: usize) -> Vec<u8> {
     (0..len).map(|i| (i * 7 % 251) as u8).collect()
 }
@@ -29,14 +40,9 @@ fn linked(_: &Store, _: u64) -> Result<(), StoreError> {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn readers_get_every_byte_and_the_blob_is_committed() {
-    let dir = tempfile::tempdir().unwrap();
-    let store = Store::open(dir.path()).unwrap();
-    let flights = Flights::default();
     let body = data(3 * READ_CHUNK + 17);
     let digest = Digest::sha256_of(&body);
-    let Role::Leader(permit) = flights.join(&store, "up", &digest, "r") else {
-        panic!("first join leads")
-    };
+    let (_dir, store, flights, permit) = lead(&digest);
     let Role::Reader(reader) = flights.join(&store, "up", &digest, "r") else {
         panic!("second join reads")
     };
@@ -63,14 +69,9 @@ async fn readers_get_every_byte_and_the_blob_is_committed() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_digest_mismatch_fails_every_reader_and_keeps_nothing() {
-    let dir = tempfile::tempdir().unwrap();
-    let store = Store::open(dir.path()).unwrap();
-    let flights = Flights::default();
     let body = data(200_000);
     let digest = Digest::sha256_of(b"something else");
-    let Role::Leader(permit) = flights.join(&store, "up", &digest, "r") else {
-        panic!()
-    };
+    let (dir, store, _flights, permit) = lead(&digest);
     let reader = permit.flight().clone();
     let body_stream = reader.clone().read(0, None);
     let stream = futures_util::stream::iter(chunks(&body, 4096));
@@ -98,14 +99,9 @@ async fn a_digest_mismatch_fails_every_reader_and_keeps_nothing() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_short_body_fails_even_with_the_right_prefix() {
-    let dir = tempfile::tempdir().unwrap();
-    let store = Store::open(dir.path()).unwrap();
-    let flights = Flights::default();
     let body = data(100_000);
     let digest = Digest::sha256_of(&body);
-    let Role::Leader(permit) = flights.join(&store, "up", &digest, "r") else {
-        panic!()
-    };
+    let (_dir, store, _flights, permit) = lead(&digest);
     let flight = permit.flight().clone();
     let mut parts = chunks(&body[..50_000], 4096);
     parts.push(Err(FlightError::Abandoned));
@@ -125,13 +121,8 @@ async fn a_short_body_fails_even_with_the_right_prefix() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_dropped_permit_fails_the_flight_and_frees_the_digest() {
-    let dir = tempfile::tempdir().unwrap();
-    let store = Store::open(dir.path()).unwrap();
-    let flights = Flights::default();
     let digest = Digest::sha256_of(b"x");
-    let Role::Leader(permit) = flights.join(&store, "up", &digest, "r") else {
-        panic!()
-    };
+    let (_dir, store, flights, permit) = lead(&digest);
     let flight = permit.flight().clone();
     drop(permit);
     assert!(matches!(
@@ -162,14 +153,9 @@ fn gated(
 #[tokio::test(flavor = "multi_thread")]
 async fn when_every_reader_leaves_the_policy_decides_whether_the_download_finishes() {
     for policy in [WhenUnwanted::Finish, WhenUnwanted::Stop] {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(dir.path()).unwrap();
-        let flights = Flights::default();
         let body = data(100_000);
         let digest = Digest::sha256_of(&body);
-        let Role::Leader(permit) = flights.join(&store, "up", &digest, "r") else {
-            panic!()
-        };
+        let (_dir, store, _flights, permit) = lead(&digest);
         let flight = permit.flight().clone();
         let (open, gate) = tokio::sync::mpsc::channel(1);
         let size = Some(body.len() as u64);
@@ -215,14 +201,9 @@ async fn when_every_reader_leaves_the_policy_decides_whether_the_download_finish
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_body_past_its_cap_fails_even_without_a_length() {
-    let dir = tempfile::tempdir().unwrap();
-    let store = Store::open(dir.path()).unwrap();
-    let flights = Flights::default();
     let body = data(50_000);
     let digest = Digest::sha256_of(&body);
-    let Role::Leader(permit) = flights.join(&store, "up", &digest, "r") else {
-        panic!()
-    };
+    let (_dir, store, _flights, permit) = lead(&digest);
     let flight = permit.flight().clone();
     let limits = Limits {
         size: None,
@@ -250,14 +231,9 @@ async fn a_body_past_its_cap_fails_even_without_a_length() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_range_read_ends_cleanly_only_after_the_digest_verified() {
-    let dir = tempfile::tempdir().unwrap();
-    let store = Store::open(dir.path()).unwrap();
-    let flights = Flights::default();
     let body = data(200_000);
     let digest = Digest::sha256_of(b"not this body");
-    let Role::Leader(permit) = flights.join(&store, "up", &digest, "r") else {
-        panic!()
-    };
+    let (_dir, store, _flights, permit) = lead(&digest);
     let ranged = permit.flight().clone().read(10, Some(20));
     let stream = futures_util::stream::iter(chunks(&body, 4096));
     download(
