@@ -25,6 +25,7 @@ pub mod api;
 pub mod cache;
 pub mod config;
 pub mod flight;
+pub mod imagelist;
 pub mod metrics;
 pub mod reference;
 pub mod store;

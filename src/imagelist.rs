@@ -1,0 +1,1 @@
+//! Image lists as operators have them: plain reference lists and Kubernetes YAML.
