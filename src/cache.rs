@@ -849,7 +849,25 @@ impl Cache {
                 }
             }
         };
-        let size = flight.started().await?;
+        let size = match flight.started().await {
+            Ok(size) => size,
+            // Our disk failed before the first byte: this client is served
+            // straight from upstream (the whole blob; a server may ignore a Range).
+            Err(e @ FlightError::Store(_)) => {
+                tracing::warn!(%digest, error = %e, "cannot cache: serving straight from upstream");
+                let resp = up.blob(Method::GET, repo, digest).await?;
+                return Ok(Ok(BlobAnswer {
+                    size: header_len(&resp),
+                    range: None,
+                    body: Some(counted(
+                        verified(up, resp, digest.clone()),
+                        metrics,
+                        Source::flight,
+                    )),
+                }));
+            }
+            Err(e) => return Err(e.into()),
+        };
         let (start, end, served) = match (range, size) {
             (Some(r), Some(size)) => match r.resolve(size) {
                 Ok((s, e)) => (s, Some(e), Some((s, e))),
@@ -894,11 +912,47 @@ impl Cache {
             })));
             return Ok(Lead::Direct(resp));
         }
+        permit.resume_with(self.resume(up, repo, &digest));
         let (name, repo) = (up.name().to_string(), repo.clone());
         let on_commit: flight::OnCommit =
             Box::new(move |store: &Store, _| store.link(&name, &repo, &digest));
         self.spawn_download(up, permit, limits, resp, on_commit);
         Ok(Lead::Flight(flight))
+    }
+
+    /// How a flight's readers finish from upstream if our disk fails under them.
+    fn resume(&self, up: &Upstream, repo: &RepoName, digest: &Digest) -> flight::Resume {
+        let (up, repo, digest) = (self.shared(up), repo.clone(), digest.clone());
+        Arc::new(move |offset| {
+            let (up, repo, digest) = (up.clone(), repo.clone(), digest.clone());
+            Box::pin(async move {
+                let resp = up
+                    .blob_from(&repo, &digest, offset)
+                    .await
+                    .map_err(FlightError::from)?;
+                let from = if resp.status() == reqwest::StatusCode::PARTIAL_CONTENT {
+                    offset
+                } else {
+                    0
+                };
+                let (name, metrics) = (up.name().to_string(), up.metrics().clone());
+                let body =
+                    futures_util::StreamExt::map(resp.bytes_stream(), move |chunk| match chunk {
+                        Ok(chunk) => {
+                            metrics.upstream_bytes(&name, chunk.len() as u64);
+                            Ok(chunk)
+                        }
+                        Err(e) => Err(FlightError::from(UpstreamError {
+                            upstream: name.clone(),
+                            kind: crate::upstream::transport_kind(&e),
+                        })),
+                    });
+                Ok(flight::Resumed {
+                    from,
+                    body: Box::pin(body),
+                })
+            })
+        })
     }
 
     /// Starts background downloads of what a client that got `manifest` asks for next.

@@ -151,6 +151,25 @@ pub struct Flight {
     had_reader: std::sync::atomic::AtomicBool,
     /// Every client that read from it, for the coalescing metric.
     served: AtomicUsize,
+    /// How readers finish from upstream when our disk fails under them.
+    resume: std::sync::OnceLock<Resume>,
+}
+
+/// Upstream's bytes of the blob from an offset on. A reader whose download
+/// failed on our side (a full disk, a write error) finishes its response with
+/// them instead of breaking off: the client's pull completes, uncached.
+pub type Resume = Arc<
+    dyn Fn(u64) -> futures_util::future::BoxFuture<'static, Result<Resumed, FlightError>>
+        + Send
+        + Sync,
+>;
+
+/// What a [`Resume`] got from upstream.
+pub struct Resumed {
+    /// The offset the body starts at: the one asked for, or 0 when upstream ignored the range.
+    pub from: u64,
+    /// Upstream's body.
+    pub body: futures_util::stream::BoxStream<'static, Result<Bytes, FlightError>>,
 }
 
 impl Flight {
@@ -249,16 +268,34 @@ impl Flight {
         tx: &mpsc::Sender<io::Result<Bytes>>,
     ) -> io::Result<()> {
         let slot = ReaderSlot::take();
-        let mut file = self.open(handle)?;
+        let mut file = match self.open(handle) {
+            Ok(file) => file,
+            Err(e) => {
+                return match self.resumable() {
+                    Some(resume) => self.finish_from_upstream(handle, resume, None, start, end, tx),
+                    None => Err(e),
+                }
+            }
+        };
         file.seek(SeekFrom::Start(start))?;
         let mut pos = start;
         let mut rx = self.state.subscribe();
         loop {
-            let (readable, complete) = match &*rx.borrow_and_update() {
+            // A clone, so no lock on the state is held past this line.
+            let state = rx.borrow_and_update().clone();
+            let (readable, complete) = match &state {
                 State::Starting => (0, None),
                 State::Streaming { visible, .. } => (*visible, None),
                 State::Done { size } => (*size, Some(*size)),
-                State::Failed(e) => return Err(io::Error::other(e.clone())),
+                State::Failed(e) => {
+                    let e = io::Error::other(e.clone());
+                    return match self.resumable() {
+                        Some(resume) => {
+                            self.finish_from_upstream(handle, resume, Some(&mut file), pos, end, tx)
+                        }
+                        None => Err(e),
+                    };
+                }
             };
             let limit = end.map_or(readable, |e| e.min(readable));
             let want = (limit.saturating_sub(pos) as usize).min(slot.chunk());
@@ -290,6 +327,95 @@ impl Flight {
                 Err(_) => return Err(io::Error::other("flight vanished")),
             }
         }
+    }
+}
+
+impl Flight {
+    /// How to finish from upstream, when the flight failed on our side and the
+    /// leader said how (a failure of upstream's is final: asking again is the
+    /// client's call, with backoff).
+    fn resumable(&self) -> Option<Resume> {
+        let local = matches!(
+            &*self.state.borrow(),
+            State::Failed(FlightError::Store(_) | FlightError::Unwanted)
+        );
+        local.then(|| self.resume.get().cloned()).flatten()
+    }
+
+    /// Finishes a reader's bytes `[pos, end)` from upstream after our disk failed.
+    /// The digest still guards the body: the prefix already served is hashed
+    /// from this reader's descriptor (which outlives the deleted temporary
+    /// file), the rest as it arrives, and the last chunk waits for the verdict.
+    fn finish_from_upstream(
+        &self,
+        handle: &tokio::runtime::Handle,
+        resume: Resume,
+        file: Option<&mut File>,
+        pos: u64,
+        end: Option<u64>,
+        tx: &mpsc::Sender<io::Result<Bytes>>,
+    ) -> io::Result<()> {
+        tracing::warn!(digest = %self.digest, offset = pos, "download failed on our side; finishing from upstream uncached");
+        let mut hasher = self.digest.algorithm().hasher();
+        let mut hashed = 0u64;
+        if let Some(file) = file {
+            file.seek(SeekFrom::Start(0))?;
+            while hashed < pos {
+                let want = (pos - hashed).min(READ_CHUNK as u64) as usize;
+                match read_chunk(file, want) {
+                    Ok(chunk) => {
+                        hasher.update(&chunk);
+                        hashed += want as u64;
+                    }
+                    Err(_) => break,
+                }
+            }
+        }
+        if hashed < pos {
+            hasher = self.digest.algorithm().hasher();
+            hashed = 0;
+        }
+        let resumed = handle.block_on(resume(hashed)).map_err(io::Error::other)?;
+        let mut at = resumed.from;
+        if at != hashed {
+            // Upstream ignored the range: hash it all again from the start.
+            hasher = self.digest.algorithm().hasher();
+            if at != 0 {
+                return Err(io::Error::other(
+                    "upstream resumed at an offset not asked for",
+                ));
+            }
+        }
+        let mut body = resumed.body;
+        let mut held: Option<Bytes> = None;
+        let end = end.unwrap_or(u64::MAX);
+        while let Some(chunk) = handle.block_on(body.next()) {
+            let chunk = chunk.map_err(io::Error::other)?;
+            hasher.update(&chunk);
+            let (lo, hi) = (at, at + chunk.len() as u64);
+            at = hi;
+            let (from, to) = (lo.max(pos), hi.min(end));
+            if from >= to {
+                continue;
+            }
+            let part = chunk.slice((from - lo) as usize..(to - lo) as usize);
+            if let Some(previous) = held.replace(part) {
+                if tx.blocking_send(Ok(previous)).is_err() {
+                    return Ok(());
+                }
+            }
+        }
+        let actual = hasher.finish();
+        if actual != self.digest {
+            return Err(io::Error::other(FlightError::DigestMismatch {
+                expected: self.digest.to_string(),
+                actual: actual.to_string(),
+            }));
+        }
+        if let Some(last) = held {
+            let _ = tx.blocking_send(Ok(last));
+        }
+        Ok(())
     }
 }
 
@@ -378,6 +504,7 @@ impl Flights {
             readers: AtomicUsize::new(0),
             had_reader: false.into(),
             served: AtomicUsize::new(0),
+            resume: std::sync::OnceLock::new(),
         });
         map.insert(key.clone(), flight.clone());
         Role::Leader(Permit {
@@ -465,6 +592,12 @@ impl Permit {
             .expect("flight map poisoned")
             .remove(&self.key);
         self.flight.state.send_replace(state);
+    }
+
+    /// Lets readers finish from upstream if the download fails on our side.
+    /// Set it before the download starts.
+    pub fn resume_with(&self, resume: Resume) {
+        let _ = self.flight.resume.set(resume);
     }
 
     /// Settles as done without downloading: the store already had the blob.

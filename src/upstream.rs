@@ -16,7 +16,9 @@ pub use health::{CircuitState, Health, HealthPolicy, RateLimit};
 
 use crate::config::{Credentials, UpstreamConfig};
 use crate::reference::{Digest, RepoName};
-use reqwest::header::{HeaderMap, ACCEPT, AUTHORIZATION, RETRY_AFTER, WWW_AUTHENTICATE};
+use reqwest::header::{
+    HeaderMap, HeaderName, ACCEPT, AUTHORIZATION, RANGE, RETRY_AFTER, WWW_AUTHENTICATE,
+};
 use reqwest::{Method, Response, StatusCode, Url};
 use std::fmt;
 use std::sync::Arc;
@@ -302,7 +304,7 @@ impl Upstream {
         accept: &str,
     ) -> Result<Answer, UpstreamError> {
         let url = self.url(repo, &format!("manifests/{reference}"));
-        self.send(method, url, repo, Some(accept)).await
+        self.send(method, url, repo, Some((ACCEPT, accept))).await
     }
 
     /// `GET`/`HEAD /v2/<repo>/blobs/<digest>`; only a 2xx answer is `Ok`.
@@ -314,6 +316,20 @@ impl Upstream {
     ) -> Result<Answer, UpstreamError> {
         let url = self.url(repo, &format!("blobs/{digest}"));
         self.send(method, url, repo, None).await
+    }
+
+    /// `GET` of a blob from byte `offset` on (`Range: bytes=offset-`). Upstream
+    /// may ignore the range: a 200 rather than a 206 carries the whole blob.
+    pub async fn blob_from(
+        &self,
+        repo: &RepoName,
+        digest: &Digest,
+        offset: u64,
+    ) -> Result<Answer, UpstreamError> {
+        let url = self.url(repo, &format!("blobs/{digest}"));
+        let range = format!("bytes={offset}-");
+        self.send(Method::GET, url, repo, Some((RANGE, &range)))
+            .await
     }
 
     /// `GET /v2/<repo>/tags/list` with the spec's `n` and `last`.
@@ -353,7 +369,7 @@ impl Upstream {
         method: Method,
         url: Url,
         repo: &RepoName,
-        accept: Option<&str>,
+        header: Option<(HeaderName, &str)>,
     ) -> Result<Answer, UpstreamError> {
         if self.offline {
             return Err(self.error(UpstreamErrorKind::Offline));
@@ -364,7 +380,7 @@ impl Upstream {
                 .health
                 .admit()
                 .map_err(|retry_in| self.error(UpstreamErrorKind::CircuitOpen { retry_in }))?;
-            let result = self.attempt(&method, &url, repo, accept).await;
+            let result = self.attempt(&method, &url, repo, header.clone()).await;
             let failed = result.as_ref().err().filter(|e| e.kind.is_failure());
             // A GET is judged when its body ends (a body cut off is a failure); a
             // HEAD, an error, or a half-open probe (which must settle) at once.
@@ -403,7 +419,7 @@ impl Upstream {
         method: &Method,
         url: &Url,
         repo: &RepoName,
-        accept: Option<&str>,
+        header: Option<(HeaderName, &str)>,
     ) -> Result<Answer, UpstreamError> {
         let scope = format!("repository:{repo}:pull");
         let mut answered_challenge = false;
@@ -415,8 +431,8 @@ impl Upstream {
                 .await
                 .expect("the semaphore is never closed");
             let mut req = self.client.request(method.clone(), url.clone());
-            if let Some(accept) = accept {
-                req = req.header(ACCEPT, accept);
+            if let Some((name, value)) = &header {
+                req = req.header(name.clone(), *value);
             }
             let sent = self.auth.header_for(&scope);
             if let Some(value) = &sent {

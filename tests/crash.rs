@@ -372,3 +372,85 @@ async fn a_full_disk_serves_without_caching_and_recovers_when_space_returns() {
         layer.digest
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_disk_that_fills_mid_download_still_completes_every_pull_from_upstream() {
+    let img = Image::big(89, 5 * 1024 * 1024);
+    let layer = img.layers().last().unwrap().clone();
+    let upstream = Registry::anonymous()
+        .image("library/filling", "1", img.clone())
+        .start()
+        .await;
+    let mut front = Front::start(upstream.addr()).await;
+    front.set_mode(Mode::Slow { rate: 1024 * 1024 }).await;
+    let disk = support::storage::Tmpfs::mount("8m");
+    let data = disk.path().join("data");
+    let cache = support::cache::Cache::builder()
+        .upstream("docker.io", &front.url())
+        .library_prefix()
+        .prefetch(false)
+        .data(&data)
+        .start()
+        .await;
+    let url = format!("{}/v2/library/filling/blobs/{}", cache.url(), layer.digest);
+    // Two clients on one download: the leader's and a coalesced one.
+    let first = tokio::spawn({
+        let url = url.clone();
+        async move { stream_digest(&url, &[]).await }
+    });
+    let tmp = data.join("tmp");
+    let partial = support::wait_until("a partial download", Duration::from_secs(20), || {
+        let landed = std::fs::read_dir(&tmp)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .any(|e| e.metadata().is_ok_and(|m| m.len() >= 512 * 1024));
+        async move { landed.then_some(()) }
+    })
+    .await;
+    assert!(partial.is_ok(), "the download started");
+    let second = tokio::spawn({
+        let url = url.clone();
+        async move { stream_digest(&url, &[]).await }
+    });
+    // Now the disk fills up under the download.
+    let filler = disk.path().join("filler");
+    {
+        use std::io::Write;
+        let mut f = std::fs::File::create(&filler).unwrap();
+        let block = vec![0u8; 64 * 1024];
+        while f.write_all(&block).is_ok() {}
+    }
+    for got in [first.await.unwrap(), second.await.unwrap()] {
+        assert_eq!((got.status, got.error.as_deref()), (200, None));
+        assert_eq!(
+            (got.digest.as_str(), got.len),
+            (layer.digest.as_str(), layer.size()),
+            "whole and right, finished from upstream"
+        );
+    }
+    let stored = support::cache::blob_file(&data, &layer.digest);
+    assert!(!stored.exists(), "nothing kept");
+    let left: Vec<_> = std::fs::read_dir(&tmp).unwrap().collect();
+    assert!(left.is_empty(), "no partial file left: {left:?}");
+    let ranged = front
+        .requests()
+        .into_iter()
+        .filter(|l| l.method == "GET" && l.uri.contains(&layer.digest))
+        .count();
+    assert!(
+        ranged >= 2,
+        "readers resumed from upstream: {ranged} blob GETs"
+    );
+    // Space returns: the next pull caches it.
+    std::fs::remove_file(&filler).unwrap();
+    front.set_mode(Mode::Normal).await;
+    let again = stream_digest(&url, &[]).await;
+    assert_eq!(again.digest, layer.digest);
+    let landed = support::wait_until("the blob to be stored", Duration::from_secs(10), || {
+        let there = stored.exists();
+        async move { there.then_some(()) }
+    })
+    .await;
+    assert!(landed.is_ok(), "cached once there is room");
+}

@@ -292,3 +292,94 @@ fn readers_waiting_do_not_starve_the_writer() {
         assert!(done.is_ok(), "the download and its readers finished");
     });
 }
+
+/// A resume that serves `body` from the offset asked for, or from 0 when
+/// `ignore_range` (as a server that ignores `Range` does).
+fn resume_from(body: Vec<u8>, ignore_range: bool, asked: Arc<Mutex<Vec<u64>>>) -> Resume {
+    Arc::new(move |offset| {
+        asked.lock().unwrap().push(offset);
+        let from = if ignore_range { 0 } else { offset };
+        let rest = body[from as usize..].to_vec();
+        Box::pin(async move {
+            Ok(Resumed {
+                from,
+                body: futures_util::stream::iter(chunks(&rest, 3000)).boxed(),
+            })
+        })
+    })
+}
+
+fn failing_commit(store: &Store, _: u64) -> Result<(), StoreError> {
+    Err(StoreError::Io {
+        path: store.tmp_path(&Digest::sha256_of(b"x")),
+        source: io::Error::new(io::ErrorKind::StorageFull, "no space left on device"),
+    })
+}
+
+/// Runs a download whose disk side fails at the end, with readers attached.
+async fn failing_on_our_side(
+    body: &[u8],
+    digest: &Digest,
+    resume: Option<Resume>,
+) -> (
+    io::Result<Vec<u8>>,
+    io::Result<Vec<u8>>,
+    Store,
+    tempfile::TempDir,
+) {
+    let (dir, store, _flights, permit) = lead(digest);
+    if let Some(resume) = resume {
+        permit.resume_with(resume);
+    }
+    let whole = permit.flight().clone().read(0, None);
+    let ranged = permit.flight().clone().read(10, Some(5000));
+    let stream = futures_util::stream::iter(chunks(body, 4096));
+    download(
+        permit,
+        store.clone(),
+        sized(Some(body.len() as u64)),
+        stream,
+        Box::new(failing_commit),
+        WhenUnwanted::Finish,
+    )
+    .await;
+    (collect(whole).await, collect(ranged).await, store, dir)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn readers_finish_from_upstream_when_our_disk_fails() {
+    let body = data(2 * READ_CHUNK + 99);
+    let digest = Digest::sha256_of(&body);
+    for ignore_range in [false, true] {
+        let asked = Arc::new(Mutex::new(Vec::new()));
+        let resume = resume_from(body.clone(), ignore_range, asked.clone());
+        let (whole, ranged, store, _dir) = failing_on_our_side(&body, &digest, Some(resume)).await;
+        assert_eq!(whole.unwrap(), body, "ignore_range={ignore_range}");
+        assert_eq!(ranged.unwrap(), &body[10..5000]);
+        assert!(!store.blob_path(&digest).exists(), "nothing kept");
+        assert_eq!(asked.lock().unwrap().len(), 2, "one resume per reader");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_resume_with_wrong_bytes_never_ends_cleanly() {
+    let body = data(READ_CHUNK + 5);
+    let digest = Digest::sha256_of(&body);
+    let mut lie = body.clone();
+    *lie.last_mut().unwrap() ^= 1;
+    let resume = resume_from(lie, false, Arc::default());
+    let (whole, ranged, _store, _dir) = failing_on_our_side(&body, &digest, Some(resume)).await;
+    assert!(whole.is_err(), "a lying upstream fails the body");
+    assert!(
+        ranged.is_err(),
+        "a range's last chunk waits for the verdict"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn without_a_resume_a_local_failure_fails_the_readers() {
+    let body = data(READ_CHUNK + 5);
+    let digest = Digest::sha256_of(&body);
+    let (whole, ranged, _store, _dir) = failing_on_our_side(&body, &digest, None).await;
+    assert!(whole.is_err() && ranged.is_err());
+}
