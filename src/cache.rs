@@ -608,7 +608,6 @@ impl Cache {
             if let Some(record) = store.index().manifest(digest)? {
                 self.confirm(up, repo, digest, true).await?;
                 metrics.outcome(Route::manifest, Outcome::hit);
-                store.touch(digest);
                 return self.stored_manifest(digest, record.media_type);
             }
         }
@@ -680,7 +679,7 @@ impl Cache {
                 .set_manifest(&linked, &ManifestRecord { media_type })?;
             store.link(&name, &repo, &linked)
         });
-        self.spawn_download(up, permit, limits, resp, on_commit);
+        self.spawn_download(up, permit, limits, resp, on_commit, None);
         Ok(flight)
     }
 
@@ -694,6 +693,8 @@ impl Cache {
     }
 
     fn stored_manifest(&self, digest: &Digest, media_type: String) -> Result<Manifest, CacheError> {
+        // Every manifest served refreshes its image's place in the eviction order.
+        self.inner.store.touch(digest);
         let bytes = Bytes::from(self.inner.store.read_small(digest)?);
         // Upstream may have sent no Content-Type: the document's own `mediaType` says it.
         let media_type = if media_type.is_empty() {
@@ -746,6 +747,7 @@ impl Cache {
         limits: flight::Limits,
         resp: Answer,
         on_commit: flight::OnCommit,
+        room: Option<crate::store::Room>,
     ) {
         let name = up.name().to_string();
         let metrics = self.inner.metrics.clone();
@@ -776,6 +778,7 @@ impl Cache {
         );
         tokio::spawn(async move {
             download.await;
+            drop(room);
             metrics.flight_finished(flight.readers_served());
         });
     }
@@ -902,7 +905,7 @@ impl Cache {
             size: header_len(&resp),
             max: None,
         };
-        if !self.inner.store.make_room(limits.size.unwrap_or(0)) {
+        let Some(room) = self.inner.store.make_room(limits.size.unwrap_or(0)) else {
             tracing::warn!(%digest, size = ?limits.size, "no room on disk: serving without caching");
             // Others who joined get a clean error before any byte; their retry
             // is served the same way.
@@ -911,12 +914,12 @@ impl Cache {
                 source: std::io::Error::new(std::io::ErrorKind::StorageFull, "no room on disk"),
             })));
             return Ok(Lead::Direct(resp));
-        }
+        };
         permit.resume_with(self.resume(up, repo, &digest));
         let (name, repo) = (up.name().to_string(), repo.clone());
         let on_commit: flight::OnCommit =
             Box::new(move |store: &Store, _| store.link(&name, &repo, &digest));
-        self.spawn_download(up, permit, limits, resp, on_commit);
+        self.spawn_download(up, permit, limits, resp, on_commit, Some(room));
         Ok(Lead::Flight(flight))
     }
 

@@ -14,6 +14,7 @@ mod index;
 pub use index::{Index, ManifestRecord, TagRecord};
 
 use crate::reference::{Digest, RepoName};
+use std::collections::HashMap;
 use std::fs;
 use std::io;
 use std::path::{Path, PathBuf};
@@ -77,6 +78,34 @@ fn manifest_media_type(bytes: &[u8]) -> Option<String> {
         (None, false, true) => Some("application/vnd.oci.image.manifest.v1+json".into()),
         _ => None,
     }
+}
+
+/// Manifests larger than this are not read for their references during eviction.
+const MAX_MANIFEST_BYTES: u64 = 4 * 1024 * 1024;
+
+/// The digests a manifest names: an image's config and layers, an index's manifests.
+fn references(bytes: &[u8]) -> Vec<Digest> {
+    #[derive(serde::Deserialize)]
+    struct Descriptor {
+        digest: String,
+    }
+    #[derive(serde::Deserialize)]
+    struct Doc {
+        config: Option<Descriptor>,
+        #[serde(default)]
+        layers: Vec<Descriptor>,
+        #[serde(default)]
+        manifests: Vec<Descriptor>,
+    }
+    let Ok(doc) = serde_json::from_slice::<Doc>(bytes) else {
+        return Vec::new();
+    };
+    doc.config
+        .into_iter()
+        .chain(doc.layers)
+        .chain(doc.manifests)
+        .filter_map(|d| d.digest.parse().ok())
+        .collect()
 }
 
 /// Whether sled's error says the index itself is unreadable (as opposed to the
@@ -151,6 +180,25 @@ struct Inner {
     evicting: std::sync::atomic::AtomicBool,
     /// Files evicted since start, and their bytes.
     evicted: (AtomicU64, AtomicU64),
+    /// Bytes promised to downloads under way (see [`Room`]), so concurrent
+    /// downloads cannot together cross the cap or overfill the disk.
+    reserved: AtomicU64,
+}
+
+/// Room on disk held for one download until it is dropped (after the commit,
+/// which counts the bytes as stored, or after a failure).
+pub struct Room {
+    store: Store,
+    size: u64,
+}
+
+impl Drop for Room {
+    fn drop(&mut self) {
+        self.store
+            .inner
+            .reserved
+            .fetch_sub(self.size, Ordering::SeqCst);
+    }
 }
 
 /// Keeps a stored file from eviction while it lives.
@@ -235,6 +283,7 @@ impl Store {
                 pins: Default::default(),
                 evicting: false.into(),
                 evicted: Default::default(),
+                reserved: AtomicU64::new(0),
             }),
         };
         let usage: u64 = store
@@ -445,28 +494,39 @@ impl Store {
         }
     }
 
-    /// Whether the disk has room for a download of `size` bytes (keeping a
-    /// margin free). If not, least recently used files are evicted to make room;
-    /// `false` means even that was not enough.
-    pub fn make_room(&self, size: u64) -> bool {
+    /// Holds room for a download of `size` bytes (0 when upstream did not say):
+    /// under the cap's maximum and with a margin of disk left free, counting
+    /// the room other downloads hold. Least recently used files are evicted to
+    /// make it; `None` means even that was not enough.
+    pub fn make_room(&self, size: u64) -> Option<Room> {
+        let reserved = self.inner.reserved.fetch_add(size, Ordering::SeqCst) + size;
+        let room = Room {
+            store: self.clone(),
+            size,
+        };
         // A write that would cross the cap's high watermark evicts first.
         if let Some(cap) = self.inner.cap {
-            if self.usage().saturating_add(size) > cap.high {
-                if let Err(e) = self.evict_to(cap.low.saturating_sub(size)) {
+            if self.usage().saturating_add(reserved) > cap.high {
+                if let Err(e) = self.evict_to(cap.low.saturating_sub(reserved)) {
                     tracing::warn!(error = %e, "eviction before a download failed");
                 }
             }
+            if self.usage().saturating_add(reserved) > cap.max {
+                return None;
+            }
         }
+        // Other downloads' room may already be partly written; counting it all is
+        // the safe side (the worst case is one more blob served uncached).
         let free = || fs2::available_space(&self.inner.root).unwrap_or(u64::MAX);
-        let needed = size.saturating_add(ROOM_MARGIN);
+        let needed = reserved.saturating_add(ROOM_MARGIN);
         if free() >= needed {
-            return true;
+            return Some(room);
         }
         let short = needed - free();
         if let Err(e) = self.evict_to(self.usage().saturating_sub(short)) {
             tracing::warn!(error = %e, "eviction to make room failed");
         }
-        free() >= needed
+        (free() >= needed).then_some(room)
     }
 
     /// Whether a file can be created (and removed) under `tmp/` right now.
@@ -575,6 +635,33 @@ impl Store {
                 Some((last, digest, path, meta.len()))
             })
             .collect();
+        // Whole images go together: a blob is as recent as the most recently
+        // used manifest that names it (an index passes its time on to its
+        // manifests first), so an image's layers leave with it, and a layer
+        // shared with an image in use stays.
+        let mut last: HashMap<Digest, u64> = candidates
+            .iter()
+            .map(|(t, d, _, _)| (d.clone(), *t))
+            .collect();
+        let mut edges = Vec::new();
+        for (_, digest, path, size) in &candidates {
+            if *size <= MAX_MANIFEST_BYTES && self.inner.index.manifest(digest)?.is_some() {
+                if let Ok(bytes) = fs::read(path) {
+                    edges.extend(references(&bytes).into_iter().map(|c| (digest.clone(), c)));
+                }
+            }
+        }
+        for _ in 0..2 {
+            for (parent, child) in &edges {
+                let t = last.get(parent).copied().unwrap_or(0);
+                if let Some(c) = last.get_mut(child) {
+                    *c = (*c).max(t);
+                }
+            }
+        }
+        for c in &mut candidates {
+            c.0 = last[&c.1];
+        }
         candidates.sort();
         for (_, digest, path, size) in candidates {
             if self.usage() <= target {
@@ -774,6 +861,74 @@ mod tests {
         assert!(
             !store.blob_path(&blobs[1].0).exists(),
             "unpinned, it is the oldest now"
+        );
+    }
+
+    #[test]
+    fn eviction_takes_whole_images_and_keeps_layers_an_image_in_use_shares() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let blob = |fill: u8| {
+            let bytes = vec![fill; 1000];
+            let d = Digest::sha256_of(&bytes);
+            store.put_small(&d, &bytes).unwrap();
+            d
+        };
+        let (l1, l2, shared) = (blob(1), blob(2), blob(3));
+        let image = |layers: &[&Digest]| {
+            let layers: Vec<String> = layers
+                .iter()
+                .map(|d| format!(r#"{{"digest":"{d}","size":1000}}"#))
+                .collect();
+            let bytes = format!(
+                r#"{{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json","layers":[{}]}}"#,
+                layers.join(",")
+            );
+            let d = Digest::sha256_of(bytes.as_bytes());
+            store.put_small(&d, bytes.as_bytes()).unwrap();
+            let media_type = "application/vnd.oci.image.manifest.v1+json".to_string();
+            store
+                .index()
+                .set_manifest(&d, &ManifestRecord { media_type })
+                .unwrap();
+            d
+        };
+        let (m1, m2) = (image(&[&l1, &shared]), image(&[&l2, &shared]));
+        // Image 1 pulled, then image 2, then image 1's manifest asked for again
+        // (a node re-resolving a tag whose layers it has).
+        for (t, d) in [
+            (10, &m1),
+            (11, &l1),
+            (12, &shared),
+            (20, &m2),
+            (21, &l2),
+            (22, &shared),
+            (30, &m1),
+        ] {
+            store.index().touch(d, t).unwrap();
+        }
+        let image1 = 2000 + fs::metadata(store.blob_path(&m1)).unwrap().len();
+        store.evict_to(image1).unwrap();
+        let kept = |d: &Digest| store.blob_path(d).exists();
+        assert!(kept(&m1) && kept(&l1) && kept(&shared), "image 1 whole");
+        assert!(!kept(&m2) && !kept(&l2), "image 2 went, together");
+    }
+
+    #[test]
+    fn room_held_by_one_download_counts_against_the_next() {
+        let dir = tempfile::tempdir().unwrap();
+        let cap = Cap {
+            max: 10_000,
+            high: 9_000,
+            low: 5_000,
+        };
+        let store = Store::open_with(dir.path(), Some(cap), false).unwrap();
+        let first = store.make_room(6_000).expect("room for the first");
+        assert!(store.make_room(6_000).is_none(), "both would cross the cap");
+        drop(first);
+        assert!(
+            store.make_room(6_000).is_some(),
+            "room once the first let go"
         );
     }
 
