@@ -217,17 +217,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         } => {
             let path = store_at(config, data)?;
             let index = path.join("index");
+            // Fail now, and clearly, if a cache is running on this store; an
+            // unreadable index is exactly what this command is for.
+            let lock = pullthrough::store::Lock::take(&path)?;
             if index.exists() {
-                // Fail now, and clearly, if a cache is running on this store; an
-                // unreadable index is exactly what this command is for.
-                match pullthrough::store::Index::open(&index) {
-                    Err(pullthrough::store::StoreError::Index(e))
-                        if pullthrough::store::is_lock_error(&e) =>
-                    {
-                        anyhow::bail!("{} is in use (is the cache running?)", index.display())
-                    }
-                    _ => {}
-                }
                 let aside = path.join(format!(
                     "index.old-{}",
                     std::time::SystemTime::now()
@@ -239,6 +232,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     .with_context(|| format!("moving {} aside", index.display()))?;
                 eprintln!("old index kept at {}", aside.display());
             }
+            drop(lock); // the store takes it again
             let store = pullthrough::store::Store::open(&path)?;
             let bar = progress_bar("rebuilding");
             let started = std::time::Instant::now();

@@ -38,6 +38,55 @@ pub enum StoreError {
     /// An index record could not be decoded.
     #[error("store index record: {0}")]
     Record(#[from] serde_json::Error),
+    /// Another process has the data directory open.
+    #[error("data directory {path} is in use by {holder}; stop it first, or seed and import through it (--server)")]
+    InUse {
+        /// The data directory.
+        path: PathBuf,
+        /// Who holds it, as well as we know (`process 1234`).
+        holder: String,
+    },
+}
+
+/// The data directory's lock: one process at a time opens a store. The lock
+/// file holds the owner's PID, so the one refused can say who holds it.
+pub struct Lock {
+    _file: fs::File,
+}
+
+impl Lock {
+    /// Takes the lock on the data directory `root` (created if missing), or
+    /// fails at once naming the process holding it.
+    pub fn take(root: &Path) -> Result<Lock, StoreError> {
+        use fs2::FileExt;
+        use std::io::{Read, Seek, Write};
+        fs::create_dir_all(root).map_err(io_at(root))?;
+        let path = root.join("lock");
+        let mut file = fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&path)
+            .map_err(io_at(&path))?;
+        if file.try_lock_exclusive().is_err() {
+            let mut pid = String::new();
+            let _ = file.read_to_string(&mut pid);
+            let holder = match pid.trim() {
+                "" => "another process".to_string(),
+                pid => format!("process {pid}"),
+            };
+            return Err(StoreError::InUse {
+                path: root.to_path_buf(),
+                holder,
+            });
+        }
+        file.set_len(0)
+            .and_then(|_| file.rewind())
+            .and_then(|_| writeln!(file, "{}", std::process::id()))
+            .map_err(io_at(&path))?;
+        Ok(Lock { _file: file })
+    }
 }
 
 /// What [`Store::verify`] found.
@@ -180,6 +229,8 @@ struct Inner {
     evicting: std::sync::atomic::AtomicBool,
     /// Files evicted since start, and their bytes.
     evicted: (AtomicU64, AtomicU64),
+    /// Held while the store is open: one process per data directory.
+    _lock: Lock,
     /// Bytes promised to downloads under way (see [`Room`]), so concurrent
     /// downloads cannot together cross the cap or overfill the disk.
     reserved: AtomicU64,
@@ -249,6 +300,7 @@ impl Store {
     /// high watermark until usage is under its low one, and fsyncing (the
     /// durable default) or not (for disposable storage).
     pub fn open_with(root: &Path, cap: Option<Cap>, fsync: bool) -> Result<Store, StoreError> {
+        let lock = Lock::take(root)?;
         let blobs = root.join("blobs");
         let tmp = root.join("tmp");
         fs::create_dir_all(&blobs).map_err(io_at(&blobs))?;
@@ -284,6 +336,7 @@ impl Store {
                 evicting: false.into(),
                 evicted: Default::default(),
                 reserved: AtomicU64::new(0),
+                _lock: lock,
             }),
         };
         let usage: u64 = store
@@ -954,7 +1007,13 @@ mod tests {
         let first = Store::open(dir.path()).unwrap();
         let in_flight = first.tmp_path(&digest);
         std::fs::write(&in_flight, b"downloading").unwrap();
-        assert!(Store::open(dir.path()).is_err(), "the index is locked");
+        let refused = Store::open(dir.path()).err().expect("the store is locked");
+        let message = refused.to_string();
+        assert!(
+            message.contains(&dir.path().display().to_string())
+                && message.contains(&format!("process {}", std::process::id())),
+            "names the directory and the holder: {message}"
+        );
         assert!(
             in_flight.exists(),
             "the running store's download is untouched"
