@@ -2,6 +2,7 @@
 //! upstream, negotiates media types, writes headers; turns every failure into
 //! an OCI error body (in [`error`], the only place that does). Never touches the disk.
 
+pub mod admin;
 mod error;
 mod route;
 mod status;

@@ -11,7 +11,7 @@
 //!   gives it for its own `Accept`, never a type it did not ask for.
 
 mod accept;
-mod prefetch;
+pub mod prefetch;
 
 pub use accept::{Accept, MANIFEST_TYPES};
 

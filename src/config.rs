@@ -65,6 +65,9 @@ pub struct Config {
 pub struct ServerConfig {
     /// Address to listen on.
     pub listen: SocketAddr,
+    /// The admin listener (`POST /import`), loopback by default; `""` turns it off.
+    #[serde(default, with = "optional_addr")]
+    pub admin_listen: Option<SocketAddr>,
 }
 
 /// `[storage]`
@@ -292,6 +295,8 @@ pub struct Overrides {
     pub data: Option<PathBuf>,
     /// `--offline`: no upstream is ever contacted.
     pub offline: bool,
+    /// `--admin-listen`
+    pub admin_listen: Option<SocketAddr>,
 }
 
 impl Config {
@@ -310,6 +315,12 @@ impl Config {
         figment = figment.merge(Env::prefixed("PULLTHROUGH_").split("__"));
         if let Some(listen) = overrides.listen {
             figment = figment.merge(Serialized::default("server.listen", listen));
+        }
+        if let Some(admin) = overrides.admin_listen {
+            figment = figment.merge(Serialized::default(
+                "server.admin_listen",
+                admin.to_string(),
+            ));
         }
         if let Some(data) = &overrides.data {
             figment = figment.merge(Serialized::default("storage.path", data));
@@ -495,3 +506,27 @@ mod human_duration_opt {
 
 #[cfg(test)]
 mod tests;
+
+/// An address that may be turned off with an empty string.
+mod optional_addr {
+    use serde::{Deserialize, Deserializer};
+    use std::net::SocketAddr;
+
+    pub fn serialize<S: serde::Serializer>(
+        a: &Option<SocketAddr>,
+        s: S,
+    ) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&a.map(|a| a.to_string()).unwrap_or_default())
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<SocketAddr>, D::Error> {
+        let text = String::deserialize(d)?;
+        if text.trim().is_empty() {
+            return Ok(None);
+        }
+        text.trim()
+            .parse()
+            .map(Some)
+            .map_err(serde::de::Error::custom)
+    }
+}

@@ -21,6 +21,7 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+pub mod airgap;
 pub mod api;
 pub mod cache;
 pub mod config;
@@ -65,20 +66,48 @@ pub fn build(config: &config::Config) -> Result<cache::Cache, ServeError> {
     ))
 }
 
-/// Serves the pull API on `listener` until `shutdown` completes.
+/// Serves the pull API on `listener` (and the admin API on
+/// `[server] admin_listen`, if set) until `shutdown` completes.
 pub async fn run(
     listener: tokio::net::TcpListener,
     config: config::Config,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServeError> {
     let cache = build(&config)?;
+    let admin = match config.server.admin_listen {
+        Some(addr) => Some(tokio::net::TcpListener::bind(addr).await.map_err(|e| {
+            ServeError::Io(std::io::Error::new(
+                e.kind(),
+                format!("binding the admin listener {addr}: {e}"),
+            ))
+        })?),
+        None => None,
+    };
+    let admin_addr = admin.as_ref().map(|a| a.local_addr()).transpose()?;
     tracing::info!(
         listen = %listener.local_addr()?,
+        admin = admin_addr.map(|a| a.to_string()),
         data = %config.storage.path.display(),
         upstreams = config.upstreams.len(),
         "pullthrough serving"
     );
-    serve(listener, cache, shutdown).await
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
+        shutdown.await;
+        let _ = stop.send(true);
+    });
+    let until = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|s| *s).await;
+    };
+    if let Some(admin) = admin {
+        let (app, done) = (api::admin::router(cache.clone()), until(stopped.clone()));
+        tokio::spawn(async move {
+            if let Err(e) = axum::serve(admin, app).with_graceful_shutdown(done).await {
+                tracing::error!(error = %e, "admin listener failed");
+            }
+        });
+    }
+    serve(listener, cache, until(stopped)).await
 }
 
 /// Serves the pull API over an already built cache until `shutdown` completes.

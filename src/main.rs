@@ -40,6 +40,50 @@ enum Command {
         /// Never contact any upstream; serve only what the store holds.
         #[arg(long)]
         offline: bool,
+        /// Address of the admin listener (overrides `[server] admin_listen`).
+        #[arg(long)]
+        admin_listen: Option<SocketAddr>,
+    },
+    /// Pull images into the store: their manifests (the platforms wanted) and blobs.
+    /// A second run transfers nothing already present.
+    Seed {
+        #[command(flatten)]
+        images: ImageArgs,
+        /// Seed through a running cache's registry API (`http://127.0.0.1:5000`)
+        /// instead of opening the store (which the running cache holds).
+        #[arg(long)]
+        server: Option<String>,
+        #[command(flatten)]
+        store: StoreArgs,
+    },
+    /// Write images as an OCI image layout: a tar if OUTPUT ends in `.tar`, else a
+    /// directory. Images not yet in the store are seeded first.
+    Export {
+        /// Where to write the layout.
+        #[arg(long)]
+        output: PathBuf,
+        #[command(flatten)]
+        images: ImageArgs,
+        #[command(flatten)]
+        store: StoreArgs,
+    },
+    /// Add an OCI image layout (directory or tar: ours, skopeo's, `docker save`'s)
+    /// to the store, verifying every digest and size before anything is visible.
+    Import {
+        /// The layout: a directory or a tar file.
+        path: PathBuf,
+        /// Registry for image names without one (default: `default_upstream`).
+        #[arg(long)]
+        registry: Option<String>,
+        /// Repository for images named by a bare tag.
+        #[arg(long)]
+        repository: Option<String>,
+        /// Import into a running cache through its admin listener
+        /// (`http://127.0.0.1:5001`); PATH must then be a tar.
+        #[arg(long)]
+        server: Option<String>,
+        #[command(flatten)]
+        store: StoreArgs,
     },
     /// Print the embedded default configuration.
     DefaultConfig,
@@ -71,6 +115,102 @@ enum Command {
         #[command(subcommand)]
         command: IndexCommand,
     },
+}
+
+/// Which images, and which of their platforms.
+#[derive(clap::Args)]
+struct ImageArgs {
+    /// Image references (`alpine:3.20`, `ghcr.io/org/app@sha256:…`).
+    images: Vec<String>,
+    /// An image list: one reference a line (`#` comments) or Kubernetes YAML; `-` is stdin.
+    #[arg(long)]
+    file: Vec<PathBuf>,
+    /// A platform to take from multi-platform images (`os/arch[/variant]`);
+    /// repeat it. Default: `[cache] prefetch_platforms`.
+    #[arg(long)]
+    platform: Vec<String>,
+    /// Take every platform.
+    #[arg(long, conflicts_with = "platform")]
+    all_platforms: bool,
+    /// Images, and blob downloads, at once.
+    #[arg(long, default_value_t = 4)]
+    concurrency: usize,
+}
+
+/// Where the store is.
+#[derive(clap::Args)]
+struct StoreArgs {
+    /// A TOML configuration file (upstreams, `[storage]`).
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Data directory (overrides `[storage] path`).
+    #[arg(long)]
+    data: Option<PathBuf>,
+}
+
+impl StoreArgs {
+    fn load(&self) -> anyhow::Result<Config> {
+        let overrides = Overrides {
+            data: self.data.clone(),
+            ..Overrides::default()
+        };
+        Ok(Config::load(self.config.as_deref(), &overrides)?)
+    }
+}
+
+impl ImageArgs {
+    fn list(&self) -> anyhow::Result<Vec<pullthrough::imagelist::ImageRef>> {
+        let mut images = Vec::new();
+        for text in &self.images {
+            images.push(pullthrough::imagelist::ImageRef::parse(text)?);
+        }
+        for file in &self.file {
+            images.extend(pullthrough::imagelist::read_list(file)?);
+        }
+        let mut seen = std::collections::HashSet::new();
+        images.retain(|i| seen.insert(i.clone()));
+        if images.is_empty() {
+            anyhow::bail!("no images given: name them, or give a list with --file");
+        }
+        Ok(images)
+    }
+
+    fn options(&self, config: &Config) -> pullthrough::airgap::seed::SeedOptions {
+        use pullthrough::airgap::Platforms;
+        let platforms = if self.all_platforms {
+            Platforms::All
+        } else if self.platform.is_empty() {
+            Platforms::Only(config.cache.prefetch_platforms.clone())
+        } else {
+            Platforms::Only(self.platform.clone())
+        };
+        pullthrough::airgap::seed::SeedOptions {
+            platforms,
+            concurrency: self.concurrency.max(1),
+        }
+    }
+}
+
+/// Seeds `images` and prints the summary; fails if any image failed.
+async fn seed_all(
+    puller: &pullthrough::airgap::seed::Puller,
+    images: &ImageArgs,
+    config: &Config,
+) -> anyhow::Result<pullthrough::airgap::seed::SeedReport> {
+    let list = images.list()?;
+    let progress = pullthrough::airgap::seed::Progress::for_stderr();
+    let report =
+        pullthrough::airgap::seed::seed(puller, &list, &images.options(config), &progress).await;
+    progress.finish();
+    eprintln!("{report}");
+    if !report.failures.is_empty() {
+        anyhow::bail!("{} of {} images failed", report.failures.len(), list.len());
+    }
+    Ok(report)
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Runtime::new().context("starting the runtime")
 }
 
 #[derive(Subcommand)]
@@ -248,16 +388,116 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             );
             Ok(())
         }
+        Command::Seed {
+            images,
+            server,
+            store,
+        } => {
+            let config = store.load()?;
+            init_logging(cli.log_format);
+            runtime()?.block_on(async {
+                let puller = match server {
+                    Some(base) => pullthrough::airgap::seed::Puller::Remote {
+                        base: base.trim_end_matches('/').to_string(),
+                        client: reqwest::Client::new(),
+                    },
+                    None => pullthrough::airgap::seed::Puller::Local(pullthrough::build(&config)?),
+                };
+                seed_all(&puller, &images, &config).await.map(|_| ())
+            })
+        }
+        Command::Export {
+            output,
+            images,
+            store,
+        } => {
+            let config = store.load()?;
+            init_logging(cli.log_format);
+            runtime()?.block_on(async {
+                let cache = pullthrough::build(&config)?;
+                let puller = pullthrough::airgap::seed::Puller::Local(cache.clone());
+                let seeded = seed_all(&puller, &images, &config).await?;
+                let written = tokio::task::spawn_blocking(move || {
+                    pullthrough::airgap::export::write_layout(
+                        cache.store(),
+                        &seeded.images,
+                        &output,
+                    )
+                })
+                .await??;
+                eprintln!("exported {written}");
+                anyhow::Ok(())
+            })
+        }
+        Command::Import {
+            path,
+            registry,
+            repository,
+            server,
+            store,
+        } => {
+            let config = store.load()?;
+            init_logging(cli.log_format);
+            let registry = registry.unwrap_or_else(|| config.default_upstream.clone());
+            runtime()?.block_on(async {
+                if let Some(base) = server {
+                    if !path.is_file() {
+                        anyhow::bail!(
+                            "--server takes a layout tar; for a directory: tar -cf layout.tar -C {} .",
+                            path.display()
+                        );
+                    }
+                    let file = tokio::fs::File::open(&path)
+                        .await
+                        .with_context(|| format!("opening {}", path.display()))?;
+                    let mut query = vec![("registry", registry)];
+                    query.extend(repository.map(|r| ("repository", r)));
+                    let url = format!("{}/import", base.trim_end_matches('/'));
+                    let resp = reqwest::Client::new()
+                        .post(&url)
+                        .query(&query)
+                        .body(file)
+                        .send()
+                        .await
+                        .with_context(|| format!("sending to {url}"))?;
+                    let status = resp.status();
+                    let text = resp.text().await.unwrap_or_default();
+                    if !status.is_success() {
+                        anyhow::bail!("{url}: {status}: {}", text.trim());
+                    }
+                    eprintln!("imported into the running cache: {text}");
+                    return Ok(());
+                }
+                let cache = pullthrough::build(&config)?;
+                let options = pullthrough::airgap::import::ImportOptions {
+                    registry,
+                    repository,
+                };
+                let report = tokio::task::spawn_blocking(move || {
+                    pullthrough::airgap::import::import_path(
+                        cache.store(),
+                        cache.upstreams(),
+                        &path,
+                        &options,
+                    )
+                })
+                .await??;
+                eprintln!("imported {report}");
+                anyhow::Ok(())
+            })
+        }
         Command::Serve {
             config,
             listen,
             data,
             offline,
+            admin_listen,
         } => {
             let overrides = Overrides {
                 listen,
                 data,
                 offline,
+                admin_listen,
             };
             let config = Config::load(config.as_deref(), &overrides)?;
             init_logging(cli.log_format);

@@ -4,6 +4,7 @@
 //! Codes"). `UNKNOWN` and `UNAVAILABLE` are Distribution's codes for failures
 //! the spec does not name (here: upstream or disk trouble).
 
+use crate::airgap::AirgapError;
 use crate::cache::{CacheError, Unsatisfiable};
 use crate::upstream::UpstreamErrorKind;
 use axum::http::{header, HeaderValue, StatusCode};
@@ -20,6 +21,8 @@ pub enum ErrorCode {
     DigestInvalid,
     /// Manifest unknown to registry.
     ManifestUnknown,
+    /// A manifest (here: an imported layout) that does not hold together.
+    ManifestInvalid,
     /// Invalid repository name.
     NameInvalid,
     /// Repository (or registry) name not known.
@@ -85,6 +88,9 @@ pub enum ApiError {
     /// A `Range` beyond the blob.
     #[error("range not satisfiable")]
     Range(Unsatisfiable),
+    /// An import (admin listener) failed; nothing of it was kept.
+    #[error("import: {0}")]
+    Import(#[from] crate::airgap::AirgapError),
     /// The cache could not answer.
     #[error("{error}")]
     Cache {
@@ -110,6 +116,13 @@ impl ApiError {
             ApiError::Unsupported(_) => (StatusCode::METHOD_NOT_ALLOWED, ErrorCode::Unsupported),
             ApiError::NotFound(_) => (StatusCode::NOT_FOUND, ErrorCode::Unsupported),
             ApiError::Range(_) => (StatusCode::RANGE_NOT_SATISFIABLE, ErrorCode::BlobUnknown),
+            ApiError::Import(e) => match e {
+                AirgapError::Layout(_) => (StatusCode::BAD_REQUEST, ErrorCode::ManifestInvalid),
+                AirgapError::UnknownRegistry { .. } => {
+                    (StatusCode::NOT_FOUND, ErrorCode::NameUnknown)
+                }
+                _ => (StatusCode::INTERNAL_SERVER_ERROR, ErrorCode::Unknown),
+            },
             ApiError::Cache { target, error } => match error.upstream_kind() {
                 Some(UpstreamErrorKind::NotFound) => (
                     StatusCode::NOT_FOUND,

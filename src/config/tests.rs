@@ -50,6 +50,7 @@ fn flags_override_the_defaults() {
         listen: Some("127.0.0.1:6000".parse().unwrap()),
         data: Some(PathBuf::from("/var/tmp/pt")),
         offline: true,
+        ..Overrides::default()
     };
     let c = Config::load(None, &o).unwrap();
     assert_eq!(c.server.listen.port(), 6000);

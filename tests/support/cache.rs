@@ -395,6 +395,7 @@ pub async fn raw_request(
 pub struct CacheProcess {
     child: super::Child,
     addr: SocketAddr,
+    admin: SocketAddr,
     log: PathBuf,
     _dir: tempfile::TempDir,
 }
@@ -419,6 +420,16 @@ impl CacheProcess {
 
     /// Like [`CacheProcess::start`], on the data directory `data` (which outlives it).
     pub async fn start_in(config: &str, env: &[(&str, &str)], data: Option<&Path>) -> CacheProcess {
+        CacheProcess::start_with_args(config, env, data, &[]).await
+    }
+
+    /// Like [`CacheProcess::start_in`], with `args` added to `serve` (e.g. `--offline`).
+    pub async fn start_with_args(
+        config: &str,
+        env: &[(&str, &str)],
+        data: Option<&Path>,
+        args: &[&str],
+    ) -> CacheProcess {
         let dir = tempfile::tempdir().expect("temp dir");
         let data = data.map_or_else(|| dir.path().join("data"), Path::to_path_buf);
         let file = dir.path().join("pullthrough.toml");
@@ -427,6 +438,8 @@ impl CacheProcess {
         let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_pullthrough"));
         command
             .args(["--log-format", "json", "serve", "--listen", "127.0.0.1:0"])
+            .args(["--admin-listen", "127.0.0.1:0"])
+            .args(args)
             .arg("--config")
             .arg(&file)
             .arg("--data")
@@ -444,7 +457,9 @@ impl CacheProcess {
                 let text = std::fs::read_to_string(&log).unwrap_or_default();
                 let addr = text.lines().find_map(|l| {
                     let v: serde_json::Value = serde_json::from_str(l).ok()?;
-                    v["fields"]["listen"].as_str()?.parse::<SocketAddr>().ok()
+                    let listen = v["fields"]["listen"].as_str()?.parse::<SocketAddr>().ok()?;
+                    let admin = v["fields"]["admin"].as_str()?.parse::<SocketAddr>().ok()?;
+                    Some((listen, admin))
                 });
                 let exited = if addr.is_none() { child.exited() } else { None };
                 async move { addr.or_else(|| exited.map(|e| panic!("{e}"))) }
@@ -454,9 +469,11 @@ impl CacheProcess {
         let addr = found.unwrap_or_else(|e| {
             panic!("{e}\n{}", std::fs::read_to_string(&log).unwrap_or_default())
         });
+        let (addr, admin) = addr;
         CacheProcess {
             child,
             addr,
+            admin,
             log,
             _dir: dir,
         }
@@ -465,6 +482,16 @@ impl CacheProcess {
     /// `http://127.0.0.1:PORT`
     pub fn url(&self) -> String {
         format!("http://{}", self.addr)
+    }
+
+    /// `127.0.0.1:PORT`, as registries.conf and skopeo name a registry.
+    pub fn host(&self) -> String {
+        self.addr.to_string()
+    }
+
+    /// The admin listener, `http://127.0.0.1:PORT`.
+    pub fn admin_url(&self) -> String {
+        format!("http://{}", self.admin)
     }
 
     /// The PID of the cache process (e.g. to read `/proc/PID/status`).
