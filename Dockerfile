@@ -1,13 +1,25 @@
 # syntax=docker/dockerfile:1
 # Build: docker build -t pullthrough .
 # Run:   docker run -p 5000:5000 -v pullthrough-data:/var/lib/pullthrough pullthrough
+#
+# One static (musl) binary on distroless static, as the nonroot user. The image
+# carries the documented default configuration at /etc/pullthrough/pullthrough.toml;
+# Kubernetes mounts its own file over it (deploy/kubernetes/).
 
 FROM rust:1-bookworm AS build
+# musl-tools is only the build stage's linker wrapper and never reaches the
+# final image; its version follows the rust:1-bookworm base image, which is
+# what pins it, so pinning the Debian package too would only break the build at
+# every Debian point release.
+# hadolint ignore=DL3008
 RUN apt-get update && apt-get install -y --no-install-recommends musl-tools \
     && rm -rf /var/lib/apt/lists/* \
     && rustup target add x86_64-unknown-linux-musl
 WORKDIR /src
+# benches/ is declared in Cargo.toml ([[bench]] load): cargo refuses the
+# manifest without it, even for a plain `cargo build`.
 COPY Cargo.toml Cargo.lock ./
+COPY benches benches
 COPY src src
 COPY config config
 RUN cargo build --release --locked --target x86_64-unknown-linux-musl \
@@ -16,6 +28,8 @@ RUN cargo build --release --locked --target x86_64-unknown-linux-musl \
 
 FROM gcr.io/distroless/static-debian12:nonroot
 COPY --from=build /out/pullthrough /usr/local/bin/pullthrough
+# The data directory exists and belongs to nonroot (65532), so a fresh named
+# volume mounted there inherits a writable owner.
 COPY --from=build --chown=65532:65532 /out/data /var/lib/pullthrough
 COPY config/pullthrough.toml /etc/pullthrough/pullthrough.toml
 USER 65532:65532
