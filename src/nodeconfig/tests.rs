@@ -331,3 +331,37 @@ fn a_config_that_is_not_toml_is_an_error_naming_the_file() {
     let e = check_containerd_config(&path, Path::new("/x")).unwrap_err();
     assert!(e.to_string().contains("config.toml"), "{e}");
 }
+
+#[test]
+fn the_deploy_examples_are_what_apply_writes() {
+    let endpoint: Endpoint = "http://10.96.0.50:5000".parse().unwrap();
+    for (registry, example) in [
+        (
+            "docker.io",
+            include_str!("../../deploy/containerd/certs.d/docker.io/hosts.toml"),
+        ),
+        (
+            "ghcr.io",
+            include_str!("../../deploy/containerd/certs.d/ghcr.io/hosts.toml"),
+        ),
+    ] {
+        assert_eq!(
+            hosts_toml(&registry.parse().unwrap(), &endpoint),
+            example,
+            "regenerate deploy/containerd/certs.d with pullthrough containerd-config"
+        );
+    }
+    for (example, version) in [
+        (
+            include_str!("../../deploy/containerd/config-1.x.toml"),
+            ConfigVersion::V2,
+        ),
+        (
+            include_str!("../../deploy/containerd/config-2.x.toml"),
+            ConfigVersion::V3,
+        ),
+    ] {
+        let c = check(Some(example), "/etc/containerd/certs.d");
+        assert_eq!(c.finding, Finding::Reads { version }, "{example}");
+    }
+}
