@@ -18,6 +18,8 @@
 //! - [`store`]: content-addressed files and the index.
 //! - [`upstream`]: registry clients with the token flow and health.
 //! - [`metrics`]: Prometheus metrics, read by `/metrics`.
+//! - [`nodeconfig`]: a node's containerd `hosts.toml` files pointing at the cache
+//!   (`pullthrough containerd-config`); outside the request path.
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
@@ -28,6 +30,7 @@ pub mod config;
 pub mod flight;
 pub mod imagelist;
 pub mod metrics;
+pub mod nodeconfig;
 pub mod reference;
 pub mod store;
 pub mod upstream;

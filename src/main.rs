@@ -115,6 +115,26 @@ enum Command {
         #[command(subcommand)]
         command: IndexCommand,
     },
+    /// Point this node's containerd at the cache: write DIR/<registry>/hosts.toml for each
+    /// registry (or, with --restore, put back what was there) and check containerd's
+    /// config_path. Run by the node DaemonSet; safe to run again.
+    ContainerdConfig {
+        /// The cache's base URL, e.g. http://pullthrough.pullthrough.svc:5000.
+        #[arg(long, required_unless_present = "restore")]
+        endpoint: Option<pullthrough::nodeconfig::Endpoint>,
+        /// Registries to send through the cache, comma-separated (docker.io,ghcr.io,…).
+        #[arg(long, required = true, value_delimiter = ',')]
+        registries: Vec<pullthrough::nodeconfig::Registry>,
+        /// containerd's hosts directory (its registry `config_path`).
+        #[arg(long, default_value = "/etc/containerd/certs.d")]
+        dir: PathBuf,
+        /// containerd's config file, checked for a `config_path` naming --dir.
+        #[arg(long, default_value = "/etc/containerd/config.toml")]
+        containerd_config: PathBuf,
+        /// Undo: restore the backed-up files, remove the ones pullthrough wrote.
+        #[arg(long)]
+        restore: bool,
+    },
 }
 
 /// Which images, and which of their platforms.
@@ -265,6 +285,29 @@ fn summary(report: &pullthrough::store::VerifyReport, started: std::time::Instan
     for bad in &report.bad {
         eprintln!("  mismatch: {}", bad.display());
     }
+}
+
+/// `containerd-config`: the files first, then the config check, which only warns.
+fn containerd_config(
+    endpoint: Option<pullthrough::nodeconfig::Endpoint>,
+    registries: &[pullthrough::nodeconfig::Registry],
+    dir: &std::path::Path,
+    containerd_config: &std::path::Path,
+    restore: bool,
+) -> anyhow::Result<()> {
+    use pullthrough::nodeconfig;
+    if restore {
+        print!("{}", nodeconfig::restore(dir, registries)?);
+        return Ok(());
+    }
+    let endpoint = endpoint.context("--endpoint is required")?;
+    print!("{}", nodeconfig::apply(dir, &endpoint, registries)?);
+    match nodeconfig::check_containerd_config(containerd_config, dir) {
+        Ok(check) if check.is_ok() => println!("{check}"),
+        Ok(check) => eprintln!("pullthrough: warning: {check}"),
+        Err(e) => eprintln!("pullthrough: warning: cannot check containerd's config: {e}"),
+    }
+    Ok(())
 }
 
 fn init_logging(format: LogFormat) {
@@ -486,6 +529,13 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 anyhow::Ok(())
             })
         }
+        Command::ContainerdConfig {
+            endpoint,
+            registries,
+            dir,
+            containerd_config: config,
+            restore,
+        } => containerd_config(endpoint, &registries, &dir, &config, restore),
         Command::Serve {
             config,
             listen,

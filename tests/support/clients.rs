@@ -216,6 +216,11 @@ impl Containerd {
         &self.hosts
     }
 
+    /// Its config file, whose CRI `config_path` names [`Containerd::hosts_dir`].
+    pub fn config_file(&self) -> PathBuf {
+        self.dir.path().join("config.toml")
+    }
+
     /// Where the native snapshotter unpacks layers (one numbered dir per snapshot).
     pub fn snapshots_dir(&self) -> PathBuf {
         self.dir
