@@ -31,6 +31,7 @@ pub mod flight;
 pub mod imagelist;
 pub mod metrics;
 pub mod nodeconfig;
+pub mod prepull;
 pub mod reference;
 pub mod store;
 pub mod upstream;

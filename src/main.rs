@@ -56,6 +56,42 @@ enum Command {
         #[command(flatten)]
         store: StoreArgs,
     },
+    /// Node agent: ask the container runtime (CRI `ImageService`) to pull every
+    /// image of a list it lacks; then run again when the list changes (or every
+    /// `--interval`). `--once` does one pass and exits.
+    Prepull {
+        /// The runtime's CRI socket.
+        #[arg(long, default_value = "/run/containerd/containerd.sock")]
+        cri_socket: PathBuf,
+        /// The image list: one reference a line (`#` comments) or Kubernetes YAML.
+        #[arg(long)]
+        file: PathBuf,
+        /// Pulls at once.
+        #[arg(long, default_value_t = 2)]
+        concurrency: usize,
+        /// Retries of a failing pull, with jittered exponential backoff.
+        #[arg(long, default_value_t = 3)]
+        retries: u32,
+        /// The first retry's backoff ceiling.
+        #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
+        backoff: std::time::Duration,
+        /// Each pass starts after a random delay within this window, so that many
+        /// nodes do not pull at the same second.
+        #[arg(long, default_value = "0s", value_parser = humantime::parse_duration)]
+        jitter: std::time::Duration,
+        /// Run again this often, besides when the list changes.
+        #[arg(long, value_parser = humantime::parse_duration)]
+        interval: Option<std::time::Duration>,
+        /// How often to look whether the list changed.
+        #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+        poll: std::time::Duration,
+        /// Pull credentials: a Docker config.json (a dockerconfigjson Secret).
+        #[arg(long)]
+        auth_file: Option<PathBuf>,
+        /// One pass, a summary, and exit (non-zero if an image failed).
+        #[arg(long)]
+        once: bool,
+    },
     /// Write images as an OCI image layout: a tar if OUTPUT ends in `.tar`, else a
     /// directory. Images not yet in the store are seeded first.
     Export {
@@ -526,6 +562,53 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 })
                 .await??;
                 eprintln!("imported {report}");
+                anyhow::Ok(())
+            })
+        }
+        Command::Prepull {
+            cri_socket,
+            file,
+            concurrency,
+            retries,
+            backoff,
+            jitter,
+            interval,
+            poll,
+            auth_file,
+            once,
+        } => {
+            init_logging(cli.log_format);
+            let options = pullthrough::prepull::PrepullOptions {
+                socket: cri_socket,
+                file,
+                concurrency,
+                retries,
+                backoff,
+                jitter,
+                auth_file,
+            };
+            runtime()?.block_on(async {
+                if !once {
+                    pullthrough::prepull::run(options, interval, poll, shutdown_signal()).await?;
+                    return Ok(());
+                }
+                let images = pullthrough::imagelist::read_list(&options.file)?;
+                let secrets = match &options.auth_file {
+                    Some(path) => pullthrough::prepull::Secrets::read(path)?,
+                    None => pullthrough::prepull::Secrets::default(),
+                };
+                tokio::time::sleep(pullthrough::prepull::random_below(options.jitter)).await;
+                let client = pullthrough::prepull::connect(&options.socket).await?;
+                let report =
+                    pullthrough::prepull::run_once(&client, &images, &options, &secrets).await;
+                eprintln!("{report}");
+                if !report.failed.is_empty() {
+                    anyhow::bail!(
+                        "{} of {} images not pulled",
+                        report.failed.len(),
+                        images.len()
+                    );
+                }
                 anyhow::Ok(())
             })
         }
