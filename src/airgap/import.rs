@@ -99,11 +99,14 @@ impl Drop for Staged {
 
 impl Staged {
     /// Copies `reader` to a staging file, hashing it; fails (keeping nothing)
-    /// unless it hashes to `digest`.
+    /// unless it hashes to `digest`. `expected` is the length a tar header
+    /// promised: a tar cut off mid-entry ends the entry early without an
+    /// error, and saying so beats a bare digest mismatch.
     fn stage(
         &mut self,
         digest: Digest,
         entry: &str,
+        expected: Option<u64>,
         reader: &mut dyn Read,
     ) -> Result<(), AirgapError> {
         if self.files.contains_key(&digest) {
@@ -125,6 +128,11 @@ impl Staged {
                 hasher.update(&buf[..n]);
                 file.write_all(&buf[..n]).map_err(AirgapError::io(&tmp))?;
                 size += n as u64;
+            }
+            if let Some(expected) = expected.filter(|&e| e != size) {
+                return Err(AirgapError::Layout(format!(
+                    "{entry}: the tar ends after {size} of its {expected} bytes (truncated?); blob {digest} not imported"
+                )));
             }
             let actual = hasher.finish();
             if actual != digest {
@@ -163,7 +171,7 @@ impl Staged {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
             Err(e) => return Err(AirgapError::io(path)(e)),
         };
-        self.stage(digest.clone(), &name, &mut file)?;
+        self.stage(digest.clone(), &name, None, &mut file)?;
         Ok(self.files.get(digest).cloned())
     }
 
@@ -317,14 +325,19 @@ pub fn import_tar(
                     .replacen('/', ":", 1)
                     .parse()
                     .map_err(|e| AirgapError::Layout(format!("{name}: not a blob name: {e}")))?;
-                staged.stage(digest, &name, &mut entry)?;
+                let size = entry.size();
+                staged.stage(digest, &name, Some(size), &mut entry)?;
             }
         }
     }
     check_layout(&layout.ok_or_else(|| {
         AirgapError::Layout("no oci-layout file: not an OCI image layout".into())
     })?)?;
-    let index = index.ok_or_else(|| AirgapError::Layout("no index.json in the layout".into()))?;
+    let index = index.ok_or_else(|| {
+        AirgapError::Layout(
+            "no index.json in the layout (exports write it last: is the tar complete?)".into(),
+        )
+    })?;
     finish(&mut staged, upstreams, &index, options, started)
 }
 
