@@ -20,6 +20,7 @@ pub mod clients;
 pub mod exposition;
 pub mod front;
 pub mod images;
+pub mod layout;
 pub mod registry;
 pub mod storage;
 pub mod token;
