@@ -84,7 +84,7 @@ async fn measure(
         .to_string();
     let (method, uri) = (request.method().clone(), request.uri().clone());
     let started = std::time::Instant::now();
-    let response = next.run(request).await;
+    let (response, note) = crate::metrics::noting(next.run(request)).await;
     let elapsed = started.elapsed();
     cache
         .metrics()
@@ -101,6 +101,8 @@ async fn measure(
         %method,
         %uri,
         status = response.status().as_u16(),
+        upstream = note.upstream.as_deref().unwrap_or("-"),
+        cache = note.outcome.map_or("-", |o| o.as_str()),
         bytes,
         duration_ms = elapsed.as_secs_f64() * 1000.0,
         "request"
@@ -181,6 +183,7 @@ async fn v2(
     let route = Route::parse(&rest)?;
     let head = method == Method::HEAD;
     let (up, repo) = route::select_upstream(cache.upstreams(), &route.name, query.get("ns"))?;
+    crate::metrics::note_upstream(up.name());
     let response = match route.endpoint {
         Endpoint::Manifest(reference) => {
             let accept = Accept::parse(

@@ -40,6 +40,48 @@ pub enum Outcome {
     revalidated,
 }
 
+tokio::task_local! {
+    /// What the request being handled on this task did, for its log line.
+    static NOTE: std::cell::RefCell<Note>;
+}
+
+/// Which upstream a request went to and what the cache did for it, noted while
+/// it is handled and logged when it ends.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Note {
+    /// The upstream chosen.
+    pub upstream: Option<String>,
+    /// What the cache did (the last outcome noted: a revalidation, then a hit, says hit).
+    pub outcome: Option<Outcome>,
+}
+
+/// Runs `request` with a fresh [`Note`] and returns what was noted in it.
+pub async fn noting<F: std::future::Future>(request: F) -> (F::Output, Note) {
+    NOTE.scope(Default::default(), async move {
+        let out = request.await;
+        (out, NOTE.with(|n| n.borrow().clone()))
+    })
+    .await
+}
+
+/// Notes the upstream a request goes to (outside [`noting`], nothing happens).
+pub fn note_upstream(name: &str) {
+    let _ = NOTE.try_with(|n| n.borrow_mut().upstream = Some(name.to_string()));
+}
+
+impl Outcome {
+    /// The label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Outcome::hit => "hit",
+            Outcome::miss => "miss",
+            Outcome::coalesced => "coalesced",
+            Outcome::stale => "stale",
+            Outcome::revalidated => "revalidated",
+        }
+    }
+}
+
 /// Where served bytes came from.
 #[derive(Debug, Clone, Copy, Hash, PartialEq, Eq, EncodeLabelValue)]
 #[allow(non_camel_case_types, missing_docs)]
@@ -319,6 +361,7 @@ impl Metrics {
 
     /// What the cache did for one request.
     pub fn outcome(&self, kind: Route, outcome: Outcome) {
+        let _ = NOTE.try_with(|n| n.borrow_mut().outcome = Some(outcome));
         self.inner
             .outcomes
             .get_or_create(&OutcomeLabels { kind, outcome })

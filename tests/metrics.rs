@@ -282,3 +282,58 @@ async fn health_and_readiness_follow_the_process_and_the_store_not_upstream() {
     std::fs::remove_file(&filler).unwrap();
     assert_eq!(rig.request(Method::GET, "/readyz", &[]).await.status, 200);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn each_request_logs_one_json_line_with_its_upstream_and_cache_outcome() {
+    let img = Image::single(74);
+    let layer = img.layers()[0].digest.clone();
+    let upstream = Registry::anonymous()
+        .image("library/logged", "1", img.clone())
+        .start()
+        .await;
+    let config = format!(
+        "default_upstream = \"docker.io\"\n[cache]\nprefetch = false\n[[upstreams]]\nname = \"docker.io\"\nurl = \"{}\"\nlibrary_prefix = true\n",
+        upstream.url()
+    );
+    let cache = support::cache::CacheProcess::start(&config, &[]).await;
+    let url = format!("{}/v2/library/logged/blobs/{layer}", cache.url());
+    for _ in 0..2 {
+        assert_eq!(stream_digest(&url, &[]).await.digest, layer);
+    }
+    let lines = support::wait_until("two request lines", Duration::from_secs(10), || {
+        let lines: Vec<serde_json::Value> = cache
+            .log()
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .filter(|v| v["fields"]["message"] == "request")
+            .filter(|v| {
+                v["fields"]["uri"]
+                    .as_str()
+                    .is_some_and(|u| u.contains(&layer))
+            })
+            .collect();
+        async move { (lines.len() == 2).then_some(lines) }
+    })
+    .await
+    .expect("one line per request");
+    let seen: Vec<(&str, &str, &str)> = lines
+        .iter()
+        .map(|v| {
+            let f = &v["fields"];
+            (
+                f["upstream"].as_str().unwrap_or(""),
+                f["cache"].as_str().unwrap_or(""),
+                f["request_id"].as_str().unwrap_or(""),
+            )
+        })
+        .collect();
+    assert_eq!(
+        seen.iter().map(|s| (s.0, s.1)).collect::<Vec<_>>(),
+        [("docker.io", "miss"), ("docker.io", "hit")],
+        "{lines:#?}"
+    );
+    assert!(
+        seen.iter().all(|s| !s.2.is_empty()),
+        "a request id on each line"
+    );
+}
