@@ -142,6 +142,17 @@ password_file = "{}"
         let r = raw_request(&format!("{}{path}", cache.url()), Method::GET, &[ALL]).await;
         assert_eq!(r.status, 200, "{path}: {:?}", r.body);
     }
+    // What an operator sees: the status page and the metrics.
+    let mut shown = String::new();
+    for path in ["/", "/metrics"] {
+        let r = raw_request(&format!("{}{path}", cache.url()), Method::GET, &[]).await;
+        assert_eq!(r.status, 200, "{path}");
+        shown.push_str(&String::from_utf8_lossy(&r.body));
+    }
+    assert!(
+        shown.contains("basic.example"),
+        "the page names the upstreams"
+    );
     let exit = cache.terminate();
     assert!(
         exit.contains("exit status: 0"),
@@ -159,6 +170,10 @@ password_file = "{}"
         "access_token".to_string(),
     ] {
         assert!(!log.contains(&secret), "{secret:?} appears in the log");
+        assert!(
+            !shown.contains(&secret),
+            "{secret:?} appears on the page or in metrics"
+        );
     }
     // The token endpoint was really used with the credentials.
     let tokens = token.token_server().unwrap().log();
