@@ -57,12 +57,25 @@ async fn import(
         repository: query.get("repository").cloned(),
     };
     let (tx, rx) = mpsc::channel(8);
+    // The whole body is always read, even after the importer has stopped (a bad
+    // layout): an HTTP/1 client still uploading would otherwise see a broken
+    // pipe instead of the answer saying which entry was bad.
     let pump = tokio::spawn(async move {
         let mut stream = body.into_data_stream();
+        let mut tx = Some(tx);
         while let Some(chunk) = stream.next().await {
-            let chunk = chunk.map_err(std::io::Error::other);
-            if tx.send(chunk).await.is_err() {
-                break; // the importer stopped (a bad layout): the rest is not needed
+            match &tx {
+                Some(sender) => {
+                    if sender
+                        .send(chunk.map_err(std::io::Error::other))
+                        .await
+                        .is_err()
+                    {
+                        tx = None;
+                    }
+                }
+                None if chunk.is_err() => break,
+                None => {}
             }
         }
     });
@@ -70,16 +83,16 @@ async fn import(
         rx,
         current: Bytes::new(),
     };
-    let report = tokio::task::spawn_blocking(move || {
+    let imported = tokio::task::spawn_blocking(move || {
         import_tar(cache.store(), cache.upstreams(), reader, &options)
     })
-    .await
-    .map_err(|e| {
+    .await;
+    let _ = pump.await;
+    let report = imported.map_err(|e| {
         ApiError::Import(crate::airgap::AirgapError::Layout(format!(
             "import task: {e}"
         )))
     })??;
-    pump.abort();
     tracing::info!(
         images = report.images.len(),
         blobs = report.blobs,
