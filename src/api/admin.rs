@@ -64,18 +64,18 @@ async fn import(
         let mut stream = body.into_data_stream();
         let mut tx = Some(tx);
         while let Some(chunk) = stream.next().await {
-            match &tx {
-                Some(sender) => {
-                    if sender
-                        .send(chunk.map_err(std::io::Error::other))
-                        .await
-                        .is_err()
-                    {
-                        tx = None;
-                    }
+            let Some(sender) = &tx else {
+                if chunk.is_err() {
+                    break;
                 }
-                None if chunk.is_err() => break,
-                None => {}
+                continue;
+            };
+            if sender
+                .send(chunk.map_err(std::io::Error::other))
+                .await
+                .is_err()
+            {
+                tx = None; // the importer stopped: read on, discarding
             }
         }
     });
