@@ -617,10 +617,12 @@ impl Cache {
             .join(store, up.name(), digest, repo.as_str())
         {
             Role::Reader(flight) => {
+                flight.count_client();
                 metrics.outcome(Route::manifest, Outcome::coalesced);
                 flight
             }
             Role::Leader(permit) => {
+                permit.flight().count_client();
                 metrics.outcome(Route::manifest, Outcome::miss);
                 // The upstream request runs in its own task: a client hanging up
                 // now must not abandon the download the others joined.
@@ -818,6 +820,7 @@ impl Cache {
             .join(store, up.name(), digest, repo.as_str())
         {
             Role::Reader(flight) => {
+                flight.count_client();
                 self.confirm_reader(up, repo, &flight).await?;
                 metrics.outcome(Route::blob, Outcome::coalesced);
                 flight
@@ -830,6 +833,7 @@ impl Cache {
                     metrics.outcome(Route::blob, Outcome::hit);
                     return Ok(self.stored_blob(digest, range, head)?);
                 }
+                permit.flight().count_client();
                 metrics.outcome(Route::blob, Outcome::miss);
                 // Its own task: a client hanging up must not abandon the others.
                 let (this, up2, repo2) = (self.clone(), self.shared(up), repo.clone());

@@ -178,9 +178,16 @@ impl Flight {
         &self.digest
     }
 
-    /// How many clients have read from it.
+    /// How many clients it served (see [`Flight::count_client`]).
     pub fn readers_served(&self) -> usize {
         self.served.load(Ordering::Relaxed)
+    }
+
+    /// Counts a client request on it, when it joins or leads (prefetches do
+    /// not count). Counted at the join, not at the first read, so a download
+    /// that ends before a joined client's first read still counts that client.
+    pub fn count_client(&self) {
+        self.served.fetch_add(1, Ordering::Relaxed);
     }
 
     /// The repository whose request started the download.
@@ -225,7 +232,6 @@ impl Flight {
         let (tx, rx) = mpsc::channel(BODY_QUEUE);
         let handle = tokio::runtime::Handle::current();
         self.readers.fetch_add(1, Ordering::SeqCst);
-        self.served.fetch_add(1, Ordering::Relaxed);
         self.had_reader.store(true, Ordering::SeqCst);
         tokio::task::spawn_blocking(move || {
             if let Err(e) = self.pump(&handle, start, end, &tx) {

@@ -157,6 +157,7 @@ struct Inner {
     ratelimit_limit: Family<UpstreamLabels, Gauge>,
     ratelimit_remaining: Family<UpstreamLabels, Gauge>,
     store_bytes: Gauge,
+    store_files: Gauge,
     store_max_bytes: Gauge,
     store_evicted_files: Gauge,
     store_evicted_bytes: Gauge,
@@ -221,11 +222,17 @@ impl Metrics {
         let ratelimit_limit = Family::<UpstreamLabels, Gauge>::default();
         let ratelimit_remaining = Family::<UpstreamLabels, Gauge>::default();
         let (store_bytes, store_max_bytes) = (Gauge::default(), Gauge::default());
+        let store_files = Gauge::default();
         let (store_evicted_files, store_evicted_bytes) = (Gauge::default(), Gauge::default());
         registry.register(
             "store_bytes",
             "Bytes stored under blobs/",
             store_bytes.clone(),
+        );
+        registry.register(
+            "store_files",
+            "Files stored under blobs/",
+            store_files.clone(),
         );
         registry.register(
             "store_max_bytes",
@@ -336,6 +343,7 @@ impl Metrics {
                 ratelimit_limit,
                 ratelimit_remaining,
                 store_bytes,
+                store_files,
                 store_max_bytes,
                 store_evicted_files,
                 store_evicted_bytes,
@@ -497,6 +505,7 @@ impl Metrics {
         let i = &self.inner;
         i.flights_in_progress.set(flights_in_progress as i64);
         i.store_bytes.set(store.usage() as i64);
+        i.store_files.set(store.file_count() as i64);
         i.store_max_bytes
             .set(store.cap().map_or(0, |c| c.max) as i64);
         let evicted = store.evicted();

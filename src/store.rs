@@ -219,6 +219,8 @@ struct Inner {
     next_tmp: AtomicU64,
     /// Bytes under `blobs/`: counted at open, kept up to date by commits and evictions.
     usage: AtomicU64,
+    /// Files under `blobs/`, kept like `usage`.
+    files: AtomicU64,
     /// The size cap, if any.
     cap: Option<Cap>,
     /// Whether data and directory entries are fsynced before a file counts as stored.
@@ -330,6 +332,7 @@ impl Store {
                 index,
                 next_tmp: AtomicU64::new(0),
                 usage: AtomicU64::new(0),
+                files: AtomicU64::new(0),
                 cap,
                 fsync,
                 pins: Default::default(),
@@ -339,13 +342,20 @@ impl Store {
                 _lock: lock,
             }),
         };
-        let usage: u64 = store
+        let sizes: Vec<u64> = store
             .files()?
             .iter()
             .filter_map(|(_, p)| fs::metadata(p).ok())
             .map(|m| m.len())
-            .sum();
-        store.inner.usage.store(usage, Ordering::Relaxed);
+            .collect();
+        store
+            .inner
+            .usage
+            .store(sizes.iter().sum(), Ordering::Relaxed);
+        store
+            .inner
+            .files
+            .store(sizes.len() as u64, Ordering::Relaxed);
         store.after_write();
         if rebuilt {
             let report = store.rebuild_index(|_, _| {})?;
@@ -434,9 +444,7 @@ impl Store {
                     let dest = quarantine.join(name);
                     let size = fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
                     fs::rename(&path, &dest).map_err(io_at(&dest))?;
-                    self.inner
-                        .usage
-                        .fetch_sub(size.min(self.usage()), Ordering::Relaxed);
+                    self.count_removed(size);
                 }
                 report.bad.push(path);
             }
@@ -531,6 +539,7 @@ impl Store {
         }
         if fresh {
             self.inner.usage.fetch_add(size, Ordering::Relaxed);
+            self.inner.files.fetch_add(1, Ordering::Relaxed);
         }
         self.touch(digest);
         self.after_write();
@@ -596,6 +605,27 @@ impl Store {
     /// Bytes stored under `blobs/`.
     pub fn usage(&self) -> u64 {
         self.inner.usage.load(Ordering::Relaxed)
+    }
+
+    /// Files stored under `blobs/`.
+    pub fn file_count(&self) -> u64 {
+        self.inner.files.load(Ordering::Relaxed)
+    }
+
+    /// Counts a file of `size` bytes out of `blobs/`.
+    fn count_removed(&self, size: u64) {
+        let _ = self
+            .inner
+            .usage
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |u| {
+                Some(u.saturating_sub(size))
+            });
+        let _ = self
+            .inner
+            .files
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |f| {
+                Some(f.saturating_sub(1))
+            });
     }
 
     /// The size cap, if any.
@@ -739,9 +769,7 @@ impl Store {
             if !path.exists() {
                 self.inner.index.forget(&digest)?;
             }
-            self.inner
-                .usage
-                .fetch_sub(size.min(self.usage()), Ordering::Relaxed);
+            self.count_removed(size);
             self.inner.evicted.0.fetch_add(1, Ordering::Relaxed);
             self.inner.evicted.1.fetch_add(size, Ordering::Relaxed);
             report.files += 1;

@@ -92,6 +92,12 @@ async fn the_exposition_counts_hits_misses_coalescing_and_stale_serves() {
         m.value("pullthrough_served_bytes_total", &[("source", "store")]),
         layer.size() as f64
     );
+    assert_eq!(
+        m.value("pullthrough_store_files", &[]),
+        1.0,
+        "the one layer"
+    );
+    assert_eq!(m.value("pullthrough_store_bytes", &[]), layer.size() as f64);
 
     // A cold tag pull, then a stale serve while upstream answers 503.
     let path = "/v2/library/m/manifests/1";
