@@ -75,6 +75,17 @@ pub struct LogLine {
     pub status: u16,
     /// Body bytes sent to the client.
     pub bytes: u64,
+    /// When nginx logged it, i.e. when the response ended (`$msec`, Unix milliseconds).
+    pub finished_ms: Option<u64>,
+    /// How long it took, first request byte to log (`$request_time`, milliseconds).
+    pub duration_ms: Option<u64>,
+}
+
+impl LogLine {
+    /// When the request started at the front (Unix milliseconds), if the log says.
+    pub fn started_ms(&self) -> Option<u64> {
+        Some(self.finished_ms?.saturating_sub(self.duration_ms?))
+    }
 }
 
 /// A running nginx front; killed when dropped.
@@ -373,7 +384,18 @@ fn parse_line(line: &str) -> Option<LogLine> {
         uri: fields.next()?.to_string(),
         status: fields.next()?.parse().ok()?,
         bytes: fields.next()?.parse().ok()?,
+        finished_ms: fields.next().and_then(parse_millis),
+        duration_ms: fields.next().and_then(parse_millis),
     })
+}
+
+/// nginx's `SECONDS.MMM` (as `$msec` and `$request_time` print) in milliseconds.
+fn parse_millis(text: &str) -> Option<u64> {
+    let (secs, millis) = text.split_once('.')?;
+    if millis.len() != 3 {
+        return None;
+    }
+    Some(secs.parse::<u64>().ok()? * 1000 + millis.parse::<u64>().ok()?)
 }
 
 fn running_as_root() -> bool {
@@ -413,7 +435,7 @@ http {{
     uwsgi_temp_path {d}/tmp/uwsgi;
     scgi_temp_path {d}/tmp/scgi;
 
-    log_format counted '$request_method $request_uri $status $body_bytes_sent';
+    log_format counted '$request_method $request_uri $status $body_bytes_sent $msec $request_time';
     access_log {d}/logs/access.log counted;
 
     keepalive_requests 100000;
