@@ -170,6 +170,13 @@ impl Secrets {
         let mut by_registry = HashMap::new();
         for (server, entry) in file.auths {
             let registry = normalise_server(&server);
+            // Checked here because the runtime, given a bad `auth`, fails the pull with
+            // an error that quotes the decoded secret, which would then reach our logs.
+            if !entry.auth.is_empty() && !is_user_pass(&entry.auth) {
+                return Err(failed(format!(
+                    "the auth for {registry} is not base64 of user:password"
+                )));
+            }
             let auth = AuthConfig {
                 username: entry.username,
                 password: entry.password,
@@ -184,6 +191,14 @@ impl Secrets {
     fn for_image(&self, image: &ImageRef) -> Option<AuthConfig> {
         self.by_registry.get(&image.registry).cloned()
     }
+}
+
+/// Whether `auth` is what Docker writes: base64 (standard alphabet) of `user:password`.
+fn is_user_pass(auth: &str) -> bool {
+    use base64::Engine as _;
+    base64::engine::general_purpose::STANDARD
+        .decode(auth)
+        .is_ok_and(|raw| raw.contains(&b':'))
 }
 
 /// `https://index.docker.io/v1/` → `docker.io`; `ghcr.io` stays.
