@@ -18,8 +18,14 @@
 //! - [`store`]: content-addressed files and the index.
 //! - [`upstream`]: registry clients with the token flow and health.
 //! - [`metrics`]: Prometheus metrics, read by `/metrics`.
+//! - [`api::admin`]: the loopback admin listener (`POST /import`).
+//!
+//! Beside the request path, for operators:
+//! - [`imagelist`]: image lists (plain or Kubernetes YAML), one parser for all below.
+//! - [`airgap`]: `seed` (through [`cache`]), `export` and `import` (into [`store`]).
+//! - [`prepull`]: the node agent asking the runtime through CRI to pull lists.
 //! - [`nodeconfig`]: a node's containerd `hosts.toml` files pointing at the cache
-//!   (`pullthrough containerd-config`); outside the request path.
+//!   (`pullthrough containerd-config`).
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
