@@ -320,6 +320,38 @@ async fn a_capped_store_evicts_the_least_recently_used_image() {
     pull_all(&url, &[("library/b", b.clone())]).await.unwrap();
 }
 
+/// A cache (prefetch off) on a fresh 8 MiB tmpfs, with `upstream` as docker.io.
+async fn on_a_small_disk(
+    upstream: &str,
+) -> (
+    support::storage::Tmpfs,
+    std::path::PathBuf,
+    support::cache::Cache,
+) {
+    let disk = support::storage::Tmpfs::mount("8m");
+    let data = disk.path().join("data");
+    let cache = support::cache::Cache::builder()
+        .upstream("docker.io", upstream)
+        .library_prefix()
+        .prefetch(false)
+        .data(&data)
+        .start()
+        .await;
+    (disk, data, cache)
+}
+
+/// Pulls `url` again and waits for the blob to land at `stored`.
+async fn cached_once_there_is_room(url: &str, digest: &str, stored: &Path) {
+    let again = stream_digest(url, &[]).await;
+    assert_eq!(again.digest, digest);
+    let landed = support::wait_until("the blob to be stored", Duration::from_secs(10), || {
+        let there = stored.exists();
+        async move { there.then_some(()) }
+    })
+    .await;
+    assert!(landed.is_ok(), "cached once there is room");
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_full_disk_serves_without_caching_and_recovers_when_space_returns() {
     let img = Image::big(88, 12 * 1024 * 1024);
@@ -328,15 +360,7 @@ async fn a_full_disk_serves_without_caching_and_recovers_when_space_returns() {
         .image("library/full", "1", img.clone())
         .start()
         .await;
-    let disk = support::storage::Tmpfs::mount("8m");
-    let data = disk.path().join("data");
-    let cache = support::cache::Cache::builder()
-        .upstream("docker.io", &upstream.url())
-        .library_prefix()
-        .prefetch(false)
-        .data(&data)
-        .start()
-        .await;
+    let (disk, data, cache) = on_a_small_disk(&upstream.url()).await;
     let stored = support::cache::blob_file(&data, &layer.digest);
     let url = format!("{}/v2/library/full/blobs/{}", cache.url(), layer.digest);
     // The 12 MiB layer cannot fit on the 8 MiB disk: the client still gets it, whole and right.
@@ -359,14 +383,7 @@ async fn a_full_disk_serves_without_caching_and_recovers_when_space_returns() {
     assert_eq!(m.status, 200);
     // Space returns: the next pull caches it.
     disk.resize("64m");
-    let again = stream_digest(&url, &[]).await;
-    assert_eq!(again.digest, layer.digest);
-    let landed = support::wait_until("the blob to be stored", Duration::from_secs(10), || {
-        let there = stored.exists();
-        async move { there.then_some(()) }
-    })
-    .await;
-    assert!(landed.is_ok(), "cached once there is room");
+    cached_once_there_is_room(&url, &layer.digest, &stored).await;
     assert_eq!(
         sha256_digest(&std::fs::read(&stored).unwrap()),
         layer.digest
@@ -383,15 +400,7 @@ async fn a_disk_that_fills_mid_download_still_completes_every_pull_from_upstream
         .await;
     let mut front = Front::start(upstream.addr()).await;
     front.set_mode(Mode::Slow { rate: 1024 * 1024 }).await;
-    let disk = support::storage::Tmpfs::mount("8m");
-    let data = disk.path().join("data");
-    let cache = support::cache::Cache::builder()
-        .upstream("docker.io", &front.url())
-        .library_prefix()
-        .prefetch(false)
-        .data(&data)
-        .start()
-        .await;
+    let (disk, data, cache) = on_a_small_disk(&front.url()).await;
     let url = format!("{}/v2/library/filling/blobs/{}", cache.url(), layer.digest);
     // Two clients on one download: the leader's and a coalesced one.
     let first = tokio::spawn({
@@ -445,12 +454,5 @@ async fn a_disk_that_fills_mid_download_still_completes_every_pull_from_upstream
     // Space returns: the next pull caches it.
     std::fs::remove_file(&filler).unwrap();
     front.set_mode(Mode::Normal).await;
-    let again = stream_digest(&url, &[]).await;
-    assert_eq!(again.digest, layer.digest);
-    let landed = support::wait_until("the blob to be stored", Duration::from_secs(10), || {
-        let there = stored.exists();
-        async move { there.then_some(()) }
-    })
-    .await;
-    assert!(landed.is_ok(), "cached once there is room");
+    cached_once_there_is_room(&url, &layer.digest, &stored).await;
 }
