@@ -124,7 +124,9 @@ impl ApiError {
                 _ => (StatusCode::INTERNAL_SERVER_ERROR, ErrorCode::Unknown),
             },
             ApiError::Cache { target, error } => match error.upstream_kind() {
-                Some(UpstreamErrorKind::NotFound) => (
+                // Offline, what the store lacks is as good as unknown: nothing
+                // will fetch it (an air-gapped store says so with a 404).
+                Some(UpstreamErrorKind::NotFound | UpstreamErrorKind::Offline) => (
                     StatusCode::NOT_FOUND,
                     match target {
                         Target::Manifest => ErrorCode::ManifestUnknown,
@@ -142,11 +144,9 @@ impl ApiError {
                 Some(UpstreamErrorKind::Timeout(_)) => {
                     (StatusCode::GATEWAY_TIMEOUT, ErrorCode::Unavailable)
                 }
-                Some(
-                    UpstreamErrorKind::Status(503)
-                    | UpstreamErrorKind::CircuitOpen { .. }
-                    | UpstreamErrorKind::Offline,
-                ) => (StatusCode::SERVICE_UNAVAILABLE, ErrorCode::Unavailable),
+                Some(UpstreamErrorKind::Status(503) | UpstreamErrorKind::CircuitOpen { .. }) => {
+                    (StatusCode::SERVICE_UNAVAILABLE, ErrorCode::Unavailable)
+                }
                 Some(_) => (StatusCode::BAD_GATEWAY, ErrorCode::Unavailable),
                 None if error.is_upstream() => (StatusCode::BAD_GATEWAY, ErrorCode::Unavailable),
                 None => (StatusCode::INTERNAL_SERVER_ERROR, ErrorCode::Unknown),
