@@ -28,6 +28,9 @@ pub struct ImportOptions {
 pub struct ImportReport {
     /// The images tagged, by full reference.
     pub images: Vec<String>,
+    /// Images the layout gives no name: their content is imported, untagged
+    /// (pullable by digest only, once a repository links it).
+    pub unnamed: Vec<String>,
     /// Blobs (manifests included) the layout's images are made of.
     pub blobs: usize,
     /// Of those, the ones the store did not have.
@@ -51,6 +54,12 @@ impl std::fmt::Display for ImportReport {
         )?;
         for image in &self.images {
             write!(f, "\n  {image}")?;
+        }
+        for digest in &self.unnamed {
+            write!(
+                f,
+                "\n  {digest} (no name in the layout: content only, untagged)"
+            )?;
         }
         Ok(())
     }
@@ -469,7 +478,10 @@ fn finish(
         .map(|d| d.as_millis() as u64)
         .unwrap_or(0);
     for (target, parts) in &images {
-        let Some(target) = target else { continue };
+        let Some(target) = target else {
+            report.unnamed.push(parts[0].digest.to_string());
+            continue;
+        };
         for part in parts {
             store.link(&target.upstream, &target.repo, &part.digest)?;
         }

@@ -103,6 +103,7 @@ async fn import(
         "images": report.images,
         "blobs": report.blobs,
         "added": report.added,
+        "unnamed": report.unnamed,
         "bytes": report.bytes,
     });
     Ok((
