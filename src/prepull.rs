@@ -319,8 +319,21 @@ fn fingerprint(path: &Path) -> Option<u64> {
     Some(h.finish())
 }
 
+/// The longest wait before retrying a pass that left something to do.
+const MAX_RETRY_WAIT: Duration = Duration::from_secs(300);
+
+/// The wait before retrying after `failing` incomplete passes in a row: between half
+/// and all of `backoff` doubled per pass, at most [`MAX_RETRY_WAIT`].
+fn retry_wait(backoff: Duration, failing: u32) -> Duration {
+    let ceiling = backoff
+        .saturating_mul(1 << failing.saturating_sub(1).min(16))
+        .min(MAX_RETRY_WAIT);
+    ceiling / 2 + random_below(ceiling / 2)
+}
+
 /// Runs until `stop`: a delayed first pass, then a pass whenever the list
-/// changes or `interval` has passed. With no `interval`, only list changes.
+/// changes or `interval` has passed, and after a backoff when a pass left
+/// something to do. With no `interval` and nothing failing, only list changes.
 pub async fn run(
     options: PrepullOptions,
     interval: Option<Duration>,
@@ -336,12 +349,17 @@ pub async fn run(
         let delay = random_below(options.jitter);
         tracing::info!(?delay, "waiting before the first pass");
         tokio::time::sleep(delay).await;
+        // Passes in a row that left something to do (runtime unreachable, images not
+        // pulled): each is retried after a longer wait, with or without an `interval`.
+        let mut failing_passes = 0u32;
         loop {
             let seen = fingerprint(&options.file);
+            let mut incomplete = false;
             match crate::imagelist::read_list(&options.file) {
                 Ok(images) => match connect(&options.socket).await {
                     Ok(client) => {
                         let report = run_once(&client, &images, &options, &secrets).await;
+                        incomplete = !report.failed.is_empty();
                         tracing::info!(
                             pulled = report.pulled.len(),
                             present = report.present.len(),
@@ -358,11 +376,15 @@ pub async fn run(
                         }
                     }
                     Err(e) => {
+                        incomplete = true;
                         tracing::warn!(error = %e, "runtime unreachable; next pass will retry")
                     }
                 },
+                // Not retried: the pass reruns when the file changes (or appears).
                 Err(e) => tracing::warn!(error = %e, "image list unreadable"),
             }
+            failing_passes = if incomplete { failing_passes + 1 } else { 0 };
+            let retry = (failing_passes > 0).then(|| retry_wait(options.backoff, failing_passes));
             let since = Instant::now();
             loop {
                 tokio::time::sleep(poll).await;
@@ -373,6 +395,10 @@ pub async fn run(
                     break;
                 }
                 if interval.is_some_and(|i| since.elapsed() >= i) {
+                    break;
+                }
+                if retry.is_some_and(|r| since.elapsed() >= r) {
+                    tracing::info!(failing_passes, "retrying the pass");
                     break;
                 }
             }

@@ -328,6 +328,23 @@ fn logged(path: &Path, message: &str) -> Vec<serde_json::Value> {
         .collect()
 }
 
+/// `pullthrough --log-format json prepull --jitter 0s …EXTRA` without `--once`, logging to `log`.
+fn spawn_daemon(socket: &Path, list: &Path, log: &Path, extra: &[&str]) -> Child {
+    Child::spawn(
+        "pullthrough prepull",
+        Command::new(env!("CARGO_BIN_EXE_pullthrough"))
+            .args(["--log-format", "json", "prepull", "--cri-socket"])
+            .arg(socket)
+            .arg("--file")
+            .arg(list)
+            .args(["--jitter", "0s"])
+            .args(extra)
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(log).unwrap()),
+    )
+    .unwrap_or_else(|e| panic!("{e}"))
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn the_daemon_pulls_again_when_the_list_changes_and_stops_on_sigterm() {
     let rig = Rig::start(
@@ -342,18 +359,7 @@ async fn the_daemon_pulls_again_when_the_list_changes_and_stops_on_sigterm() {
     let list = dir.path().join("images.txt");
     std::fs::write(&list, "a:1\n").unwrap();
     let log = dir.path().join("prepull.log");
-    let mut daemon = Child::spawn(
-        "pullthrough prepull",
-        Command::new(env!("CARGO_BIN_EXE_pullthrough"))
-            .args(["--log-format", "json", "prepull", "--cri-socket"])
-            .arg(node.socket())
-            .arg("--file")
-            .arg(&list)
-            .args(["--jitter", "0s", "--poll", "200ms"])
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).unwrap()),
-    )
-    .unwrap_or_else(|e| panic!("{e}"));
+    let mut daemon = spawn_daemon(node.socket(), &list, &log, &["--poll", "200ms"]);
     let passes = |n: usize| {
         let log = log.clone();
         async move {
@@ -411,6 +417,47 @@ async fn the_daemon_pulls_again_when_the_list_changes_and_stops_on_sigterm() {
         exit.ends_with("exit status: 0"),
         "{exit}\n{}",
         support::tail(&log, 10)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_daemon_retries_a_pass_that_found_no_runtime_even_without_an_interval() {
+    let rig = Rig::start(Registry::anonymous().image("library/a", "1", Image::single(121))).await;
+    let node = Containerd::start().await;
+    node.mirror("docker.io", &rig.cache.url());
+    let dir = tempfile::tempdir().unwrap();
+    let list = dir.path().join("images.txt");
+    std::fs::write(&list, "a:1\n").unwrap();
+    // The agent starts before the runtime, as after a node reboot: its socket path is a
+    // symlink that leads nowhere until the runtime "comes up".
+    let socket = dir.path().join("cri.sock");
+    let log = dir.path().join("prepull.log");
+    let _daemon = spawn_daemon(
+        &socket,
+        &list,
+        &log,
+        &["--poll", "50ms", "--backoff", "200ms"],
+    );
+    let unreachable = "runtime unreachable; next pass will retry";
+    support::wait_until("a pass to find no runtime", PASS_TIMEOUT, || {
+        let seen = !logged(&log, unreachable).is_empty();
+        async move { seen.then_some(()) }
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}\n{}", support::tail(&log, 30)));
+
+    std::os::unix::fs::symlink(node.socket(), &socket).unwrap();
+    let done = support::wait_until("a pass that pulls", PASS_TIMEOUT, || {
+        let done = logged(&log, "prepull pass done");
+        async move { (!done.is_empty()).then_some(done) }
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}\n{}", support::tail(&log, 30)));
+    assert_eq!(done[0]["pulled"], 1, "{done:?}");
+    let held = cri_images(&node).await;
+    assert!(
+        held.iter().any(|h| h == "docker.io/library/a:1"),
+        "a:1 not in {held:?}"
     );
 }
 
