@@ -416,6 +416,14 @@ impl Cache {
         };
         let result = cell
             .get_or_init(|| async {
+                // A request that read the old record just before another one's
+                // revalidation finished (and left the map) would ask upstream
+                // again: the record as it is now may already be fresh.
+                if let Ok(Some(now)) = self.inner.store.index().tag(up.name(), repo, tag) {
+                    if age(&now) < self.inner.policy.tag_ttl {
+                        return Ok(now);
+                    }
+                }
                 self.inner
                     .metrics
                     .outcome(Route::manifest, Outcome::revalidated);
