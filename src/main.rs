@@ -72,7 +72,9 @@ enum Command {
         /// Retries of a failing pull, with jittered exponential backoff.
         #[arg(long, default_value_t = 3)]
         retries: u32,
-        /// The first retry's backoff ceiling.
+        /// The first retry's backoff ceiling; also the first wait before a pass
+        /// that found no runtime or left images unpulled runs again (doubling,
+        /// up to 5 minutes).
         #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
         backoff: std::time::Duration,
         /// Each pass starts after a random delay within this window, so that many

@@ -122,7 +122,17 @@ pub async fn connect(socket: &Path) -> Result<ImageServiceClient<Channel>, Prepu
             }
         }))
         .await
-        .map_err(|e| failed(&format!("{e}: {:?}", std::error::Error::source(&e))))?;
+        .map_err(|e| {
+            // The whole chain, each cause in words ("transport error: No such file…").
+            let mut text = e.to_string();
+            let mut cause = std::error::Error::source(&e);
+            while let Some(c) = cause {
+                text.push_str(": ");
+                text.push_str(&c.to_string());
+                cause = c.source();
+            }
+            failed(&text)
+        })?;
     Ok(ImageServiceClient::new(channel))
 }
 
