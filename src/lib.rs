@@ -117,7 +117,10 @@ pub async fn run(
             }
         });
     }
-    serve(listener, cache, until(stopped)).await
+    let store = cache.store().clone();
+    let served = serve(listener, cache, until(stopped)).await;
+    store.flush()?;
+    served
 }
 
 /// Serves the pull API over an already built cache until `shutdown` completes.

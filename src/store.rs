@@ -607,6 +607,11 @@ impl Store {
         self.inner.usage.load(Ordering::Relaxed)
     }
 
+    /// Writes the index to disk now (before a command exits, say).
+    pub fn flush(&self) -> Result<(), StoreError> {
+        self.inner.index.flush()
+    }
+
     /// Files stored under `blobs/`.
     pub fn file_count(&self) -> u64 {
         self.inner.files.load(Ordering::Relaxed)

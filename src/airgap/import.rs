@@ -500,6 +500,7 @@ fn finish(
         }
         report.images.push(target.name.to_string());
     }
+    store.flush()?;
     report.elapsed = started.elapsed();
     Ok(report)
 }

@@ -232,10 +232,19 @@ impl Puller {
         let mut body = match self {
             Puller::Local(cache) => {
                 let store = cache.store();
-                if store.blob_size(digest).is_some() && store.is_linked(upstream, repo, digest) {
+                let up = cache.upstreams().find(upstream).ok_or("upstream gone")?;
+                if store.blob_size(digest).is_some() {
+                    if !store.is_linked(upstream, repo, digest) {
+                        // Stored through another repository: upstream confirms
+                        // this one has it (a HEAD), nothing is transferred.
+                        cache
+                            .blob(up, repo, digest, None, true)
+                            .await
+                            .map_err(|e| e.to_string())?
+                            .map_err(|_| "range not satisfiable".to_string())?;
+                    }
                     return Ok(false);
                 }
-                let up = cache.upstreams().find(upstream).ok_or("upstream gone")?;
                 match cache.blob(up, repo, digest, None, false).await {
                     Ok(Ok(answer)) => answer.body.ok_or("no body")?,
                     Ok(Err(_)) => return Err("range not satisfiable".into()),
@@ -320,6 +329,13 @@ pub async fn seed(
     report.present = tally.present.load(Ordering::Relaxed);
     report.bytes = tally.bytes.load(Ordering::Relaxed);
     report.elapsed = started.elapsed();
+    if let Puller::Local(cache) = puller {
+        // The index to disk before the command exits: a download's writer
+        // thread may still hold the store, and with it sled's last flush.
+        if let Err(e) = cache.store().flush() {
+            report.failures.push(("index".into(), e.to_string()));
+        }
+    }
     report
 }
 

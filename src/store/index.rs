@@ -62,6 +62,16 @@ impl Index {
         })
     }
 
+    /// Writes everything recorded so far to disk. sled otherwise flushes every
+    /// half second and when its last handle drops; a process that exits with
+    /// a handle still held elsewhere (a download's writer thread) would lose
+    /// what came since the last flush.
+    pub fn flush(&self) -> Result<(), StoreError> {
+        // Trees share one page cache: flushing one flushes the database.
+        self.tags.flush()?;
+        Ok(())
+    }
+
     /// The record for a tag, if the cache has seen it.
     pub fn tag(
         &self,
