@@ -126,7 +126,6 @@ async fn chromium_shows_a_download_in_flight_with_its_readers() {
     eprintln!("screenshot: {}", shot.display());
 
     // The page only looks: both downloads finish whole and right.
-    rig.front.set_mode(Mode::Normal).await;
     for r in readers {
         assert_eq!(r.await.unwrap().digest, layer);
     }

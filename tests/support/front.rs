@@ -229,8 +229,10 @@ impl Front {
         // Old workers close their idle connections and exit at once on a reload, so wait
         // until every worker from before the reload is gone. One still finishing an
         // in-flight request (a slow body) may take longer, and may: in-flight requests
-        // finish under the old mode, as in production. So that wait is bounded.
-        let _ = super::wait_until("old nginx workers to exit", Duration::from_secs(5), || {
+        // finish under the old mode, as in production. So that wait is bounded,
+        // generously: on a loaded machine an idle old worker took over 5 s to go,
+        // and a request that reached it saw the old mode.
+        let _ = super::wait_until("old nginx workers to exit", Duration::from_secs(20), || {
             let alive = old_workers
                 .iter()
                 .filter(|pid| {
