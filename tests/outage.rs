@@ -307,7 +307,10 @@ async fn offline_never_contacts_upstream_and_serves_the_store() {
     // Nothing will ever fetch it: unknown, not unavailable.
     assert_eq!(miss.status, 404);
     let body = String::from_utf8_lossy(&miss.body);
-    assert!(body.contains("MANIFEST_UNKNOWN") && body.contains("offline"), "{body}");
+    assert!(
+        body.contains("MANIFEST_UNKNOWN") && body.contains("offline"),
+        "{body}"
+    );
     let seen = rig.front.settled(Duration::from_millis(200)).await;
     assert!(seen.is_empty(), "offline never reaches upstream: {seen:#?}");
 }
