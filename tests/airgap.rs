@@ -111,7 +111,7 @@ async fn assert_served(base: &str, repo: &str, tag: &str, image: &Image, childre
 
 /// Asserts the cache at `base` does not serve `repo`'s manifest `reference`: an OCI
 /// error. Having nothing, a cache asks upstream, so it answers what that failure
-/// maps to (`503 UNAVAILABLE` offline, `502` with the upstream gone); `404` would do.
+/// maps to (`404` offline, `502` with the upstream gone).
 async fn assert_not_served(base: &str, repo: &str, reference: &str) {
     let got = RegistryClient::new(base, None)
         .manifest(repo, reference)
@@ -873,4 +873,45 @@ async fn a_running_cache_seeds_and_imports_through_its_apis_and_keeps_its_data_d
     }
     // And the running cache is unharmed.
     assert_served(&cache.url(), "team/private", "7", &offline_only, &[]).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_docker_save_archive_imports_under_its_full_names() {
+    // What `docker save` writes since Docker 25: an OCI layout whose index names
+    // each image twice (the full name for containerd, the tag alone in ref.name),
+    // beside Docker's own manifest.json and repositories files.
+    let img = Image::docker(121);
+    let dir = tempfile::tempdir().unwrap();
+    let saved = dir.path().join("saved");
+    layout::write(&img, "3.20", &saved);
+    let mut index = layout::index(&saved);
+    index["manifests"][0]["annotations"] = serde_json::json!({
+        "io.containerd.image.name": "docker.io/library/saved:3.20",
+        "org.opencontainers.image.ref.name": "3.20",
+    });
+    std::fs::write(
+        saved.join("index.json"),
+        serde_json::to_vec(&index).unwrap(),
+    )
+    .unwrap();
+    let config_digest = &img.config().expect("a config").digest;
+    let docker_manifest = serde_json::json!([{
+        "Config": format!("blobs/sha256/{}", &config_digest["sha256:".len()..]),
+        "RepoTags": ["saved:3.20"],
+        "Layers": img.layers().iter()
+            .map(|l| format!("blobs/sha256/{}", &l.digest["sha256:".len()..]))
+            .collect::<Vec<_>>(),
+    }]);
+    std::fs::write(saved.join("manifest.json"), docker_manifest.to_string()).unwrap();
+    std::fs::write(saved.join("repositories"), r#"{"saved":{"3.20":"x"}}"#).unwrap();
+    let tar = dir.path().join("saved.tar");
+    layout::pack(&saved, &tar);
+
+    let inside = write(dir.path(), "inside.toml", &config(NOWHERE));
+    let data = dir.path().join("data");
+    // `--repository` is not needed: the full name is in the index.
+    let out = pullthrough(&["import", tar.to_str().unwrap()], &inside, &data);
+    assert!(out.contains("docker.io/library/saved:3.20"), "{out}");
+    let cache = offline_cache(&data).await;
+    assert_served(&cache.url(), "library/saved", "3.20", &img, &[]).await;
 }
