@@ -154,6 +154,14 @@ fn verified(up: &Upstream, resp: Answer, digest: Digest) -> BodyStream {
     ))
 }
 
+/// Keeps `pin` (the blob safe from eviction) for as long as `body` lives.
+fn pinned(body: BodyStream, pin: crate::store::Pin) -> BodyStream {
+    Box::pin(futures_util::StreamExt::map(body, move |chunk| {
+        let _held = &pin;
+        chunk
+    }))
+}
+
 /// Counts a body's bytes into `served_bytes` as they go out.
 fn counted(body: BodyStream, metrics: &Metrics, source: Source) -> BodyStream {
     use futures_util::StreamExt;
@@ -236,8 +244,10 @@ type Revalidation = Arc<tokio::sync::OnceCell<Result<TagRecord, Arc<CacheError>>
 struct Inner {
     store: Store,
     flights: Flights,
-    /// A std mutex: held only to find or insert a tag's revalidation, never across an await.
-    revalidations: std::sync::Mutex<HashMap<(String, RepoName, Tag), Revalidation>>,
+    /// A std mutex: held only to find or insert a tag's revalidation, never across
+    /// an await. Keyed by upstream, repository and tag (with `\0` and the Accept
+    /// header for a per-Accept variant).
+    revalidations: std::sync::Mutex<HashMap<(String, RepoName, String), Revalidation>>,
     upstreams: Upstreams,
     policy: CacheConfig,
     metrics: Metrics,
@@ -405,7 +415,36 @@ impl Cache {
         tag: &Tag,
         cold: bool,
     ) -> Result<TagRecord, CacheError> {
-        let key = (up.name().to_string(), repo.clone(), tag.clone());
+        let key = (up.name().to_string(), repo.clone(), tag.to_string());
+        self.once_per_key(key, || async {
+            // A request that read the old record just before another one's
+            // revalidation finished (and left the map) would ask upstream
+            // again: the record as it is now may already be fresh.
+            if let Ok(Some(now)) = self.inner.store.index().tag(up.name(), repo, tag) {
+                if age(&now) < self.inner.policy.tag_ttl {
+                    return Ok(now);
+                }
+            }
+            self.inner
+                .metrics
+                .outcome(Route::manifest, Outcome::revalidated);
+            self.refresh_tag(up, repo, tag, cold).await
+        })
+        .await
+    }
+
+    /// Runs `refresh` once for every request under `key` at the same time: the
+    /// others wait for its result. If the request running it goes away, the next
+    /// waiter takes over (`OnceCell` semantics).
+    async fn once_per_key<F, Fut>(
+        &self,
+        key: (String, RepoName, String),
+        refresh: F,
+    ) -> Result<TagRecord, CacheError>
+    where
+        F: FnOnce() -> Fut,
+        Fut: std::future::Future<Output = Result<TagRecord, CacheError>>,
+    {
         let cell = {
             let mut map = self
                 .inner
@@ -415,22 +454,7 @@ impl Cache {
             map.entry(key.clone()).or_default().clone()
         };
         let result = cell
-            .get_or_init(|| async {
-                // A request that read the old record just before another one's
-                // revalidation finished (and left the map) would ask upstream
-                // again: the record as it is now may already be fresh.
-                if let Ok(Some(now)) = self.inner.store.index().tag(up.name(), repo, tag) {
-                    if age(&now) < self.inner.policy.tag_ttl {
-                        return Ok(now);
-                    }
-                }
-                self.inner
-                    .metrics
-                    .outcome(Route::manifest, Outcome::revalidated);
-                self.refresh_tag(up, repo, tag, cold)
-                    .await
-                    .map_err(Arc::new)
-            })
+            .get_or_init(|| async { refresh().await.map_err(Arc::new) })
             .await
             .clone();
         {
@@ -467,7 +491,7 @@ impl Cache {
                 fetched_at_ms: now_ms(),
             }
         } else {
-            let record = self.head_tag(up, repo, tag).await?;
+            let record = self.head_tag(up, repo, tag, MANIFEST_TYPES).await?;
             let digest = self.record_digest(&record)?;
             self.manifest_by_digest(up, repo, &digest).await?;
             record
@@ -487,9 +511,10 @@ impl Cache {
         up: &Upstream,
         repo: &RepoName,
         tag: &Tag,
+        accept: &str,
     ) -> Result<TagRecord, CacheError> {
         let resp = up
-            .manifest(Method::HEAD, repo, tag.as_str(), MANIFEST_TYPES)
+            .manifest(Method::HEAD, repo, tag.as_str(), accept)
             .await?;
         let digest =
             header_str(&resp, DOCKER_CONTENT_DIGEST).and_then(|d| d.parse::<Digest>().ok());
@@ -504,7 +529,7 @@ impl Cache {
             },
             // Registries that leave the digest out of HEAD: fetch the tag and hash it.
             _ => {
-                let m = self.fetch_by_tag(up, repo, tag, MANIFEST_TYPES).await?;
+                let m = self.fetch_by_tag(up, repo, tag, accept).await?;
                 TagRecord {
                     digest: m.digest.to_string(),
                     media_type: m.media_type,
@@ -527,20 +552,60 @@ impl Cache {
     ) -> Result<Manifest, CacheError> {
         let accept = accept.header_value();
         let index = self.inner.store.index();
+        let ttl = self.inner.policy.tag_ttl;
         let old = index.variant(up.name(), repo, tag, &accept)?;
-        if let Some(r) = old.as_ref().filter(|r| age(r) < self.inner.policy.tag_ttl) {
+        if let Some(r) = old.as_ref().filter(|r| age(r) < ttl) {
             let digest = self.record_digest(r)?;
             return self.manifest_by_digest(up, repo, &digest).await;
         }
-        match self.fetch_by_tag(up, repo, tag, &accept).await {
-            Ok(m) => {
-                let record = TagRecord {
-                    digest: m.digest.to_string(),
-                    media_type: m.media_type.clone(),
-                    fetched_at_ms: now_ms(),
+        // One revalidation per tag and Accept at a time, as for the tag itself.
+        let key = (
+            up.name().to_string(),
+            repo.clone(),
+            format!("{tag}\0{accept}"),
+        );
+        let refreshed = self
+            .once_per_key(key, || async {
+                if let Some(now) = index.variant(up.name(), repo, tag, &accept)? {
+                    if age(&now) < ttl {
+                        return Ok(now);
+                    }
+                }
+                // Known: a HEAD (free on Docker Hub) says whether it moved. A
+                // digest that changed is fetched by tag, not by digest: a
+                // registry may convert for such a client (Distribution's signed
+                // schema 1) into bytes it cannot serve by digest.
+                let unchanged = match &old {
+                    Some(old) => self
+                        .head_tag(up, repo, tag, &accept)
+                        .await?
+                        .digest
+                        .eq(&old.digest)
+                        .then(|| old.clone()),
+                    None => None,
+                };
+                let record = match unchanged {
+                    Some(old) => TagRecord {
+                        fetched_at_ms: now_ms(),
+                        ..old
+                    },
+                    None => {
+                        let m = self.fetch_by_tag(up, repo, tag, &accept).await?;
+                        TagRecord {
+                            digest: m.digest.to_string(),
+                            media_type: m.media_type,
+                            fetched_at_ms: now_ms(),
+                        }
+                    }
                 };
                 index.set_variant(up.name(), repo, tag, &accept, &record)?;
-                Ok(m)
+                Ok(record)
+            })
+            .await;
+        match refreshed {
+            Ok(record) => {
+                let digest = self.record_digest(&record)?;
+                self.manifest_by_digest(up, repo, &digest).await
             }
             Err(e) if e.is_upstream() && !e.is_not_found() && old.is_some() => {
                 let digest = self.record_digest(old.as_ref().expect("checked"))?;
@@ -806,7 +871,7 @@ impl Cache {
         let metrics = &self.inner.metrics;
         // Pinned from the first look: eviction cannot remove it between the
         // check and the open (the body then holds its own pin).
-        let _pin = store.pin(digest);
+        let pin = store.pin(digest);
         if store.blob_size(digest).is_some() {
             self.confirm(up, repo, digest, false).await?;
             metrics.outcome(Route::blob, Outcome::hit);
@@ -893,7 +958,13 @@ impl Cache {
         Ok(Ok(BlobAnswer {
             size,
             range: served,
-            body: Some(counted(flight.read(start, end), metrics, Source::flight)),
+            // Pinned until the body is dropped: a reader arriving as the download
+            // commits opens the final file later, and eviction must leave it be.
+            body: Some(counted(
+                pinned(flight.read(start, end), pin),
+                metrics,
+                Source::flight,
+            )),
         }))
     }
 
@@ -1069,15 +1140,8 @@ impl Cache {
             body: (!head).then(|| {
                 // Pinned while the body streams: eviction leaves a file being read alone.
                 let pin = self.inner.store.pin(digest);
-                let body = counted(
-                    flight::read_file(file, start, end),
-                    &self.inner.metrics,
-                    Source::store,
-                );
-                Box::pin(futures_util::StreamExt::map(body, move |chunk| {
-                    let _pinned = &pin;
-                    chunk
-                })) as BodyStream
+                let body = flight::read_file(file, start, end);
+                counted(pinned(body, pin), &self.inner.metrics, Source::store)
             }),
         }))
     }

@@ -3,6 +3,7 @@
 
 mod support;
 
+use futures_util::future::join_all;
 use reqwest::Method;
 use support::cache::{Cache, Rig};
 use support::front::Mode;
@@ -739,4 +740,43 @@ async fn a_client_without_list_support_costs_no_more_upstream_requests_than_othe
         seen.is_empty(),
         "a fresh tag costs no upstream request, whatever the Accept: {seen:#?}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_variant_is_revalidated_with_one_head_for_a_burst_of_such_clients() {
+    let list = Image::docker_list(21);
+    let mut rig = Rig::start_with(
+        Registry::anonymous().image("library/oldv", "1", list.clone()),
+        |c| c.prefetch(false).tag_ttl("0s"),
+    )
+    .await;
+    let path = "/v2/library/oldv/manifests/1";
+    let only_v2 = [("accept", media::DOCKER_MANIFEST)];
+    let first = rig.request(Method::GET, path, &only_v2).await;
+    assert_eq!(first.status, 200);
+    rig.quiesce().await;
+    // tag_ttl 0: every request revalidates; a burst shares one HEAD for the tag
+    // and one for the variant, and an unchanged variant fetches nothing.
+    let burst = join_all((0..10).map(|_| rig.request(Method::GET, path, &only_v2))).await;
+    for r in &burst {
+        assert_eq!((r.status, &r.body), (200, &first.body));
+    }
+    let seen = rig
+        .front
+        .settled(std::time::Duration::from_millis(200))
+        .await;
+    assert!(
+        seen.iter().all(|l| l.method == "HEAD"),
+        "an unchanged variant costs no GET: {seen:#?}"
+    );
+    // Unshared, that would be 20 HEADs (one for the tag and one for the variant
+    // per request); shared, 2 per wave of requests that overlap.
+    assert!(
+        (2..10).contains(&seen.len()),
+        "a burst of 10 shares its revalidations: {seen:#?}"
+    );
+    // When upstream fails, the variant is served stale.
+    rig.front.set_mode(Mode::Status503).await;
+    let stale = rig.request(Method::GET, path, &only_v2).await;
+    assert_eq!((stale.status, &stale.body), (200, &first.body));
 }
