@@ -309,8 +309,8 @@ impl Store {
         let blobs = root.join("blobs");
         let tmp = root.join("tmp");
         fs::create_dir_all(&blobs).map_err(io_at(&blobs))?;
-        // The index's lock first: a second process on the same directory fails here,
-        // before it could touch the running one's downloads.
+        // (The data directory's lock, taken above, keeps a second process from
+        // touching the running one's downloads; the index has its own lock too.)
         let index_dir = root.join("index");
         let (index, rebuilt) = match Index::open(&index_dir) {
             Ok(index) => (index, false),
@@ -570,29 +570,44 @@ impl Store {
             store: self.clone(),
             size,
         };
-        // A write that would cross the cap's high watermark evicts first.
         if let Some(cap) = self.inner.cap {
+            // Others' downloads together with this one past the low watermark:
+            // room would cost the whole cache; this one goes uncached. (One blob
+            // alone that big may empty it: that is what LRU asks for.)
+            if reserved > cap.low && reserved > size {
+                return None;
+            }
+            // A write that would cross the cap's high watermark evicts first.
             if self.usage().saturating_add(reserved) > cap.high {
-                if let Err(e) = self.evict_to(cap.low.saturating_sub(reserved)) {
-                    tracing::warn!(error = %e, "eviction before a download failed");
-                }
+                self.evict_once(cap.low.saturating_sub(reserved), "before a download");
             }
             if self.usage().saturating_add(reserved) > cap.max {
                 return None;
             }
         }
-        // Other downloads' room may already be partly written; counting it all is
-        // the safe side (the worst case is one more blob served uncached).
+        // Only this download's size: what others wrote to tmp/ is already gone
+        // from the free space, and if their rest does not fit, their readers
+        // finish from upstream.
         let free = || fs2::available_space(&self.inner.root).unwrap_or(u64::MAX);
-        let needed = reserved.saturating_add(ROOM_MARGIN);
+        let needed = size.saturating_add(ROOM_MARGIN);
         if free() >= needed {
             return Some(room);
         }
         let short = needed - free();
-        if let Err(e) = self.evict_to(self.usage().saturating_sub(short)) {
-            tracing::warn!(error = %e, "eviction to make room failed");
-        }
+        self.evict_once(self.usage().saturating_sub(short), "to make room");
         (free() >= needed).then_some(room)
+    }
+
+    /// Evicts down to `target` unless an eviction is already running (whose
+    /// result this one would only repeat).
+    fn evict_once(&self, target: u64, why: &str) {
+        if self.inner.evicting.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        if let Err(e) = self.evict_to(target) {
+            tracing::warn!(error = %e, why, "eviction failed");
+        }
+        self.inner.evicting.store(false, Ordering::SeqCst);
     }
 
     /// Whether a file can be created (and removed) under `tmp/` right now.
@@ -669,13 +684,17 @@ impl Store {
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_millis() as u64)
             .unwrap_or(0);
-        let written = self.inner.index.touch(digest, now);
-        self.inner
-            .touching
-            .lock()
-            .expect("touching poisoned")
-            .remove(digest);
-        if let Err(e) = written {
+        // Out of the set however this ends (even by a panic in the index).
+        struct Done<'a>(&'a Store, &'a Digest);
+        impl Drop for Done<'_> {
+            fn drop(&mut self) {
+                if let Ok(mut set) = self.0.inner.touching.lock() {
+                    set.remove(self.1);
+                }
+            }
+        }
+        let _done = Done(self, digest);
+        if let Err(e) = self.inner.index.touch(digest, now) {
             tracing::warn!(error = %e, "recording an access failed");
         }
     }
