@@ -22,7 +22,6 @@ use crate::reference::{Digest, RepoName, Tag};
 use crate::store::{ManifestRecord, Store, StoreError, TagRecord};
 use crate::upstream::{Answer, TagList, Upstream, UpstreamError, UpstreamErrorKind, Upstreams};
 use bytes::Bytes;
-use futures_util::TryStreamExt;
 use reqwest::header::{CONTENT_LENGTH, CONTENT_TYPE};
 use reqwest::Method;
 use std::collections::HashMap;
@@ -152,6 +151,38 @@ fn verified(up: &Upstream, resp: Answer, digest: Digest) -> BodyStream {
             }
         },
     ))
+}
+
+/// Upstream's body as a flight takes it: counted into `upstream_bytes`, its
+/// errors as upstream's.
+fn upstream_body(
+    up: &Upstream,
+    resp: Answer,
+) -> impl futures_util::Stream<Item = Result<Bytes, FlightError>> + Send + 'static {
+    let (name, metrics) = (up.name().to_string(), up.metrics().clone());
+    futures_util::StreamExt::map(resp.bytes_stream(), move |chunk| match chunk {
+        Ok(chunk) => {
+            metrics.upstream_bytes(&name, chunk.len() as u64);
+            Ok(chunk)
+        }
+        Err(e) => Err(FlightError::from(UpstreamError {
+            upstream: name.clone(),
+            kind: crate::upstream::transport_kind(&e),
+        })),
+    })
+}
+
+/// A blob straight from upstream to one client, verified on the way, nothing kept.
+fn direct(up: &Upstream, resp: Answer, digest: &Digest, metrics: &Metrics) -> BlobAnswer {
+    BlobAnswer {
+        size: header_len(&resp),
+        range: None,
+        body: Some(counted(
+            verified(up, resp, digest.clone()),
+            metrics,
+            Source::flight,
+        )),
+    }
 }
 
 /// Keeps `pin` (the blob safe from eviction) for as long as `body` lives.
@@ -346,15 +377,7 @@ impl Cache {
                 return self.serve_tag(up, repo, tag, record, accept, expired).await;
             }
         }
-        // An old mapping may stand in when upstream fails (not when it answers 404,
-        // unless configured), if it is not older than `max_stale`.
-        let stand_in = |e: &CacheError| {
-            old.as_ref().filter(|r| {
-                e.is_upstream()
-                    && (!e.is_not_found() || policy.serve_stale_on_not_found)
-                    && policy.max_stale.is_none_or(|max| age(r) <= max)
-            })
-        };
+        let stand_in = |e: &CacheError| old.as_ref().filter(|r| self.may_stand_in(e, r));
         let result = match self.revalidate(up, repo, tag, old.is_none()).await {
             Ok(record) => self.serve_tag(up, repo, tag, &record, accept, false).await,
             Err(e) => Err(e),
@@ -404,6 +427,16 @@ impl Cache {
                 record.digest
             ))))
         })
+    }
+
+    /// Whether an old mapping may stand in for what upstream failed to give:
+    /// on an upstream failure (not a 404, unless configured), if it is not
+    /// older than `max_stale`.
+    fn may_stand_in(&self, e: &CacheError, record: &TagRecord) -> bool {
+        let policy = &self.inner.policy;
+        e.is_upstream()
+            && (!e.is_not_found() || policy.serve_stale_on_not_found)
+            && policy.max_stale.is_none_or(|max| age(record) <= max)
     }
 
     /// Revalidates `tag`, joining a revalidation already under way. If the request
@@ -607,7 +640,8 @@ impl Cache {
                 let digest = self.record_digest(&record)?;
                 self.manifest_by_digest(up, repo, &digest).await
             }
-            Err(e) if e.is_upstream() && !e.is_not_found() && old.is_some() => {
+            // The same rules as for the tag itself (`max_stale`, 404s).
+            Err(e) if old.as_ref().is_some_and(|r| self.may_stand_in(&e, r)) => {
                 let digest = self.record_digest(old.as_ref().expect("checked"))?;
                 let mut m = self.manifest_by_digest(up, repo, &digest).await?;
                 m.stale = true;
@@ -824,19 +858,7 @@ impl Cache {
         on_commit: flight::OnCommit,
         room: Option<crate::store::Room>,
     ) {
-        let name = up.name().to_string();
-        let metrics = self.inner.metrics.clone();
-        let body = resp.bytes_stream().map_ok(move |chunk| {
-            metrics.upstream_bytes(&name, chunk.len() as u64);
-            chunk
-        });
-        let name = up.name().to_string();
-        let body = body.map_err(move |e| {
-            FlightError::from(UpstreamError {
-                upstream: name.clone(),
-                kind: crate::upstream::transport_kind(&e),
-            })
-        });
+        let body = upstream_body(up, resp);
         let when_unwanted = if self.inner.policy.finish_abandoned {
             flight::WhenUnwanted::Finish
         } else {
@@ -915,17 +937,9 @@ impl Cache {
                     .map_err(|_| CacheError::Flight(FlightError::Abandoned))??;
                 match lead {
                     Lead::Flight(flight) => flight,
-                    Lead::Direct(resp) => {
-                        // No room on disk: this client is served straight from
-                        // upstream, verified on the way, and nothing is kept.
-                        let size = header_len(&resp);
-                        let body = verified(up, resp, digest.clone());
-                        return Ok(Ok(BlobAnswer {
-                            size,
-                            range: None,
-                            body: (!head).then(|| counted(body, metrics, Source::flight)),
-                        }));
-                    }
+                    // No room on disk: this client is served straight from
+                    // upstream, verified on the way, and nothing is kept.
+                    Lead::Direct(resp) => return Ok(Ok(direct(up, resp, digest, metrics))),
                 }
             }
         };
@@ -933,18 +947,10 @@ impl Cache {
             Ok(size) => size,
             // Our disk failed before the first byte: this client is served
             // straight from upstream (the whole blob; a server may ignore a Range).
-            Err(e @ FlightError::Store(_)) => {
+            Err(e) if e.is_local() => {
                 tracing::warn!(%digest, error = %e, "cannot cache: serving straight from upstream");
                 let resp = up.blob(Method::GET, repo, digest).await?;
-                return Ok(Ok(BlobAnswer {
-                    size: header_len(&resp),
-                    range: None,
-                    body: Some(counted(
-                        verified(up, resp, digest.clone()),
-                        metrics,
-                        Source::flight,
-                    )),
-                }));
+                return Ok(Ok(direct(up, resp, digest, metrics)));
             }
             Err(e) => return Err(e.into()),
         };
@@ -988,10 +994,16 @@ impl Cache {
             size: header_len(&resp),
             max: None,
         };
-        let Some(room) = self.inner.store.make_room(limits.size.unwrap_or(0)) else {
+        // Making room may evict, which walks the store: not on a runtime worker.
+        let (store, size) = (self.inner.store.clone(), limits.size.unwrap_or(0));
+        let room = tokio::task::spawn_blocking(move || store.make_room(size))
+            .await
+            .ok()
+            .flatten();
+        let Some(room) = room else {
             tracing::warn!(%digest, size = ?limits.size, "no room on disk: serving without caching");
-            // Others who joined get a clean error before any byte; their retry
-            // is served the same way.
+            // Others who joined are served straight from upstream too (see
+            // `blob`), each on its own, before any byte.
             permit.fail(FlightError::Store(Arc::new(StoreError::Io {
                 path: self.inner.store.blob_path(&digest),
                 source: std::io::Error::new(std::io::ErrorKind::StorageFull, "no room on disk"),
@@ -1021,21 +1033,9 @@ impl Cache {
                 } else {
                     0
                 };
-                let (name, metrics) = (up.name().to_string(), up.metrics().clone());
-                let body =
-                    futures_util::StreamExt::map(resp.bytes_stream(), move |chunk| match chunk {
-                        Ok(chunk) => {
-                            metrics.upstream_bytes(&name, chunk.len() as u64);
-                            Ok(chunk)
-                        }
-                        Err(e) => Err(FlightError::from(UpstreamError {
-                            upstream: name.clone(),
-                            kind: crate::upstream::transport_kind(&e),
-                        })),
-                    });
                 Ok(flight::Resumed {
                     from,
-                    body: Box::pin(body),
+                    body: Box::pin(upstream_body(&up, resp)),
                 })
             })
         })

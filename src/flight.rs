@@ -97,6 +97,13 @@ pub enum FlightError {
 }
 
 impl FlightError {
+    /// Whether it happened on our side with upstream still willing: the disk
+    /// failed, or every client left. A client then can still be served from
+    /// upstream, uncached.
+    pub fn is_local(&self) -> bool {
+        matches!(self, FlightError::Store(_) | FlightError::Unwanted)
+    }
+
     /// Whether upstream caused it (as opposed to our disk).
     pub fn is_upstream(&self) -> bool {
         !matches!(
@@ -341,17 +348,19 @@ impl Flight {
     /// leader said how (a failure of upstream's is final: asking again is the
     /// client's call, with backoff).
     fn resumable(&self) -> Option<Resume> {
-        let local = matches!(
-            &*self.state.borrow(),
-            State::Failed(FlightError::Store(_) | FlightError::Unwanted)
-        );
+        let local = matches!(&*self.state.borrow(), State::Failed(e) if e.is_local());
         local.then(|| self.resume.get().cloned()).flatten()
     }
 
     /// Finishes a reader's bytes `[pos, end)` from upstream after our disk failed.
     /// The digest still guards the body: the prefix already served is hashed
     /// from this reader's descriptor (which outlives the deleted temporary
-    /// file), the rest as it arrives, and the last chunk waits for the verdict.
+    /// file), the rest as it arrives, and the last chunk waits for the verdict
+    /// (as `cache::verified` does for a body served whole; here the hash starts
+    /// before the first byte this reader sends).
+    ///
+    /// Each reader resumes on its own: one upstream request per reader, not per
+    /// blob, only while our disk is failing.
     fn finish_from_upstream(
         &self,
         handle: &tokio::runtime::Handle,
@@ -396,6 +405,9 @@ impl Flight {
         let mut held: Option<Bytes> = None;
         let end = end.unwrap_or(u64::MAX);
         while let Some(chunk) = handle.block_on(body.next()) {
+            if tx.is_closed() {
+                return Ok(()); // the client hung up: so does this download
+            }
             let chunk = chunk.map_err(io::Error::other)?;
             hasher.update(&chunk);
             let (lo, hi) = (at, at + chunk.len() as u64);
