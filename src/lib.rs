@@ -109,16 +109,20 @@ pub async fn run(
     let until = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|s| *s).await;
     };
-    if let Some(admin) = admin {
+    let admin = admin.map(|admin| {
         let (app, done) = (api::admin::router(cache.clone()), until(stopped.clone()));
         tokio::spawn(async move {
             if let Err(e) = axum::serve(admin, app).with_graceful_shutdown(done).await {
                 tracing::error!(error = %e, "admin listener failed");
             }
-        });
-    }
+        })
+    });
     let store = cache.store().clone();
     let served = serve(listener, cache, until(stopped)).await;
+    // An import under way finishes (committing, tagging) before the index is flushed.
+    if let Some(admin) = admin {
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(30), admin).await;
+    }
     store.flush()?;
     served
 }

@@ -94,8 +94,9 @@ impl std::fmt::Display for PrepullReport {
 
 /// A random duration in `[0, window]`; per-process random keys seed it.
 pub fn random_below(window: Duration) -> Duration {
+    // RandomState's keys are random per process (and per call): that is the entropy.
     let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-    h.write_u128(Instant::now().elapsed().as_nanos() ^ std::process::id() as u128);
+    h.write_u32(std::process::id());
     let nanos = window.as_nanos() as u64;
     Duration::from_nanos(if nanos == 0 {
         0

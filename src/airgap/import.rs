@@ -442,27 +442,20 @@ fn finish(
         }
         images.push((target, parts));
     }
-    // Everything checked: now it becomes visible.
+    // Everything checked: now it becomes visible. Each digest is pinned until the
+    // import ends, so eviction cannot take what it adds before the tags name it.
     let store = staged.store.clone();
     let mut report = ImportReport::default();
-    let mut done = std::collections::HashSet::new();
+    let mut pins = HashMap::new();
     for (_, parts) in &images {
         for part in parts {
-            if !done.insert(part.digest.clone()) {
+            if pins.contains_key(&part.digest) {
                 continue;
             }
+            pins.insert(part.digest.clone(), store.pin(&part.digest));
             report.blobs += 1;
-            let (tmp, size) = staged
-                .files
-                .remove(&part.digest)
-                .expect("walked blobs are staged");
-            if store.blob_size(&part.digest).is_some() {
-                let _ = std::fs::remove_file(&tmp);
-            } else {
-                store.commit(&tmp, &part.digest)?;
-                report.added += 1;
-                report.bytes += size;
-            }
+            // The record first, then the file (as a download does): a request
+            // that finds the file finds what it is.
             if let Some(media_type) = &part.manifest_type {
                 store.index().set_manifest(
                     &part.digest,
@@ -471,6 +464,16 @@ fn finish(
                     },
                 )?;
             }
+            let (tmp, size) = staged.files[&part.digest].clone();
+            if store.blob_size(&part.digest).is_none() {
+                store.commit(&tmp, &part.digest)?;
+                report.added += 1;
+                report.bytes += size;
+            }
+            // Committed (or there already): the staged copy goes now; on an
+            // error above it stays listed, and `Staged` removes it.
+            staged.files.remove(&part.digest);
+            let _ = std::fs::remove_file(&tmp);
         }
     }
     let now = std::time::SystemTime::now()

@@ -275,6 +275,13 @@ impl Puller {
         if &actual != digest {
             return Err(format!("{digest}: received {actual}"));
         }
+        // The cache may serve a blob it could not keep (no room on disk, a
+        // write error): for a seed that is a failure, not a success.
+        if let Puller::Local(cache) = self {
+            if cache.store().blob_size(digest).is_none() {
+                return Err(format!("{digest}: not stored (no room on disk?)"));
+            }
+        }
         Ok(true)
     }
 }

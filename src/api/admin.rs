@@ -89,9 +89,11 @@ async fn import(
     .await;
     let _ = pump.await;
     let report = imported.map_err(|e| {
-        ApiError::Import(crate::airgap::AirgapError::Layout(format!(
-            "import task: {e}"
-        )))
+        // Our failure, not the layout's: a 500.
+        ApiError::Import(crate::airgap::AirgapError::Io {
+            path: "import task".into(),
+            source: std::io::Error::other(e.to_string()),
+        })
     })??;
     tracing::info!(
         images = report.images.len(),
