@@ -292,6 +292,15 @@ fn age(record: &TagRecord) -> Duration {
 }
 
 /// Milliseconds since the Unix epoch: tag ages are compared with ttls of a few seconds.
+/// The tag record for a manifest just fetched by tag.
+fn record_now(m: Manifest) -> TagRecord {
+    TagRecord {
+        digest: m.digest.to_string(),
+        media_type: m.media_type,
+        fetched_at_ms: now_ms(),
+    }
+}
+
 fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -517,12 +526,7 @@ impl Cache {
         cold: bool,
     ) -> Result<TagRecord, CacheError> {
         let record = if cold {
-            let m = self.fetch_by_tag(up, repo, tag, MANIFEST_TYPES).await?;
-            TagRecord {
-                digest: m.digest.to_string(),
-                media_type: m.media_type,
-                fetched_at_ms: now_ms(),
-            }
+            record_now(self.fetch_by_tag(up, repo, tag, MANIFEST_TYPES).await?)
         } else {
             let record = self.head_tag(up, repo, tag, MANIFEST_TYPES).await?;
             let digest = self.record_digest(&record)?;
@@ -561,14 +565,7 @@ impl Cache {
                 fetched_at_ms: now_ms(),
             },
             // Registries that leave the digest out of HEAD: fetch the tag and hash it.
-            _ => {
-                let m = self.fetch_by_tag(up, repo, tag, accept).await?;
-                TagRecord {
-                    digest: m.digest.to_string(),
-                    media_type: m.media_type,
-                    fetched_at_ms: now_ms(),
-                }
-            }
+            _ => record_now(self.fetch_by_tag(up, repo, tag, accept).await?),
         };
         Ok(record)
     }
@@ -622,14 +619,7 @@ impl Cache {
                         fetched_at_ms: now_ms(),
                         ..old
                     },
-                    None => {
-                        let m = self.fetch_by_tag(up, repo, tag, &accept).await?;
-                        TagRecord {
-                            digest: m.digest.to_string(),
-                            media_type: m.media_type,
-                            fetched_at_ms: now_ms(),
-                        }
-                    }
+                    None => record_now(self.fetch_by_tag(up, repo, tag, &accept).await?),
                 };
                 index.set_variant(up.name(), repo, tag, &accept, &record)?;
                 Ok(record)
